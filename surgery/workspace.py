@@ -1,0 +1,191 @@
+"""The workspace folder: where every step reads its inputs and writes its outputs.
+
+Layout (schema ``surgery.workspace/1``)::
+
+    WORKDIR/
+      workspace.json                    index: schema, settings of the last dissect, failures
+      models/<name>/dissection.json     one model's zoo entry, cut points, boundaries, block metadata
+      models/<name>/weights.safetensors only when the weights cannot be rebuilt from the zoo entry
+      similarity/...                    written by ``surgery similarity``
+      partition.json, partition/*.png   written by ``surgery partition``
+
+Every write is atomic (temporary file in the same folder, then ``os.replace``), so a crash or a
+Ctrl-C never leaves a half-written manifest and an earlier good file is never lost. Nothing is ever
+unpickled: manifests are JSON, tensors are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import WorkspaceError
+
+WORKSPACE_SCHEMA = "surgery.workspace/1"
+DISSECTION_SCHEMA = "surgery.dissection/1"
+DEFAULT_WORKSPACE = "surgery-workspace"
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def model_dirname(name: str) -> str:
+    """A file-system safe folder name for a model name (``vit_small.augreg`` stays readable)."""
+    safe = _SAFE_NAME.sub("_", name).strip("._")
+    return safe or "model"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    The temporary file lives in the destination folder so the final ``os.replace`` is atomic on
+    POSIX. On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "manifest") -> Any:
+    """Read a JSON manifest; a missing or corrupt file raises :class:`WorkspaceError` in one line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkspaceError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkspaceError(f"corrupt {what} {path}: {e}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Save a dict of tensors as safetensors, atomically (contiguous CPU copies, no shared storage)."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """Load a safetensors file into CPU tensors; a missing/corrupt file raises :class:`WorkspaceError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise WorkspaceError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WorkspaceError(f"corrupt weights file {path}: {e}") from None
+
+
+class Workspace:
+    """A workspace folder. Cheap to construct; nothing is read until asked.
+
+    Args:
+        root: the folder (created on first write).
+    """
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_WORKSPACE):
+        self.root = Path(root)
+
+    # -- index --------------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / "workspace.json"
+
+    def exists(self) -> bool:
+        """True when the folder holds a workspace index."""
+        return self.index_path.exists()
+
+    def require(self) -> Workspace:
+        """Raise a one-line :class:`WorkspaceError` unless this is a valid workspace."""
+        if not self.root.is_dir():
+            raise WorkspaceError(
+                f"no workspace at {self.root}: run 'surgery dissect --out {self.root}' first"
+            )
+        index = self.read_index()
+        if not index.get("models"):
+            raise WorkspaceError(f"workspace {self.root} holds no dissected model: run 'surgery dissect'")
+        return self
+
+    def read_index(self) -> dict[str, Any]:
+        """The workspace index (an empty one when the folder is new)."""
+        if not self.index_path.exists():
+            return {"schema": WORKSPACE_SCHEMA, "models": {}, "failed": {}}
+        index = read_json(self.index_path, what="workspace index")
+        if not isinstance(index, dict) or index.get("schema") != WORKSPACE_SCHEMA:
+            found = index.get("schema") if isinstance(index, dict) else type(index).__name__
+            raise WorkspaceError(
+                f"{self.index_path} is not a {WORKSPACE_SCHEMA} index (found {found!r})"
+            )
+        index.setdefault("models", {})
+        index.setdefault("failed", {})
+        return index
+
+    def write_index(self, index: dict[str, Any]) -> None:
+        index["schema"] = WORKSPACE_SCHEMA
+        write_json(self.index_path, index)
+
+    # -- models -------------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / model_dirname(name)
+
+    def dissection_path(self, name: str) -> Path:
+        return self.model_dir(name) / "dissection.json"
+
+    def weights_path(self, name: str) -> Path:
+        return self.model_dir(name) / "weights.safetensors"
+
+    def model_names(self) -> list[str]:
+        """Names of the successfully dissected models, in the order they were added."""
+        return list(self.read_index()["models"])
+
+    def read_dissection(self, name: str) -> dict[str, Any]:
+        """One model's dissection manifest, schema-checked."""
+        data = read_json(self.dissection_path(name), what=f"dissection manifest of {name!r}")
+        if not isinstance(data, dict) or data.get("schema") != DISSECTION_SCHEMA:
+            raise WorkspaceError(f"{self.dissection_path(name)} is not a {DISSECTION_SCHEMA} manifest")
+        for key in ("entry", "input_size", "boundaries", "blocks"):
+            if key not in data:
+                raise WorkspaceError(f"{self.dissection_path(name)} lacks the field {key!r}")
+        return data
+
+    def write_dissection(self, name: str, data: dict[str, Any]) -> None:
+        data = {"schema": DISSECTION_SCHEMA, **data}
+        write_json(self.dissection_path(name), data)
+
+    def record_model(self, name: str, summary: dict[str, Any]) -> None:
+        """Mark a model as done in the index (and clear an earlier failure)."""
+        index = self.read_index()
+        index["models"][name] = summary
+        index["failed"].pop(name, None)
+        self.write_index(index)
+
+    def record_failure(self, name: str, reason: str) -> None:
+        """Record why a model failed; an earlier successful dissection of it is kept."""
+        index = self.read_index()
+        if name not in index["models"]:
+            index["failed"][name] = reason
+            self.write_index(index)
