@@ -1,0 +1,846 @@
+"""One training loop for everything in surgery that trains: aligning and fine-tuning a reassembled
+model, incubating its stitched segments, co-training and progressive growth.
+
+Provenance (ideas, not code):
+
+* timm's ``train.py`` recipe: AdamW without weight decay on biases / norm weights / the names in
+  ``model.no_weight_decay()``, a per-step cosine schedule with linear warm-up down to ``min_lr``,
+  label-smoothing cross-entropy, an EMA of the weights evaluated beside the raw model (timm's
+  ``ModelEmaV3``), AMP with a gradient scaler on CUDA, optional gradient clipping and
+  channels-last memory format.
+* DeRy (Yang et al., NeurIPS 2022) fine-tunes a reassembled network in two modes: FZ (pretrained
+  blocks frozen, only stitches and head trained) and FT (everything trained). They are
+  ``freeze="blocks"`` and ``freeze="none"`` here. Deep Incubation (Ni et al., ICCV 2023) trains one
+  module inside a frozen meta model: pass that module's parameters as ``trainable``.
+
+Which parameters train, in order of precedence:
+
+1. ``trainable`` given to :func:`train`: a list of parameters or a callable ``model -> params``.
+2. ``freeze != "none"`` and the model has a method ``trainable_parameters(freeze)``: its result.
+3. ``freeze == "blocks"``: every parameter except those of modules whose ``_surgery_role``
+   attribute is ``"block"`` (a pretrained donor block). Roles are ``"block"``, ``"stitch"``,
+   ``"head"`` and ``"stem"``; a module without the attribute inherits its parent's role, so the
+   nearest marked ancestor decides. Unmarked parameters train.
+4. ``freeze == "none"``: every parameter with ``requires_grad`` (a user's own freezing is kept).
+
+``requires_grad`` is set accordingly for the run and restored afterwards, so a later FT run with
+``freeze="none"`` trains everything again. Batch-norm layers whose affine parameters are all frozen,
+or that sit in a frozen block, are put in eval mode at every epoch start: their running statistics
+must keep describing the frozen weights they were trained with.
+
+``channels_last="auto"`` turns NHWC on when the model has a spatial convolution (an ``nn.Conv2d``
+with a kernel larger than 1x1 that is not a patchify stem, kernel == stride): oneDNN on CPU and
+cuDNN tensor cores run those faster in NHWC, while a ViT's single patchify conv gains nothing.
+
+Files written to ``out_dir``:
+
+* ``metrics.jsonl``: one JSON object per line. Epoch lines have the keys of :data:`EPOCH_KEYS`
+  (``type == "epoch"``), step lines (every ``log_every`` steps) those of :data:`STEP_KEYS`
+  (``type == "step"``; loss and accuracy are running means over the epoch so far).
+* ``checkpoint/model.safetensors``: the model's weights (parameters and buffers).
+* ``checkpoint/state.pt``: optimizer, scheduler, scaler, EMA weights, epoch, step, RNG states,
+  history and config; plain containers and tensors only, so ``torch.load(..., weights_only=True)``
+  reads it. The folder is written as ``checkpoint.tmp`` and renamed into place, so ``checkpoint``
+  (or ``checkpoint.old`` after a crash between two renames) is always a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from surgery.errors import SurgeryError
+
+__all__ = [
+    "TrainConfig", "TrainResult", "train", "evaluate", "select_trainable", "cosine_lr", "build_scheduler",
+    "ROLE_ATTR", "ROLES", "EPOCH_KEYS", "STEP_KEYS", "CHECKPOINT_DIR",
+]
+
+ROLE_ATTR = "_surgery_role"
+ROLES = ("block", "stitch", "head", "stem")
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = "surgery.train/1"
+EPOCH_KEYS = (
+    "type", "epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc",
+    "lr", "images_per_s", "epoch_time_s",
+)
+STEP_KEYS = ("type", "epoch", "step", "loss", "acc", "lr", "images_per_s")
+# Config fields that may change between a run and its resumption without a warning.
+_RESUME_FREE_FIELDS = {"log_every", "device", "num_workers"}
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of one training run (a config file reproduces a run given the data).
+
+    Attributes:
+        epochs: total epochs, counting those already done when resuming.
+        batch_size: used only when a ``Dataset`` is passed instead of a loader.
+        num_workers: loader workers, same condition.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW decoupled weight decay; never applied to biases, 1-D params (norms)
+            or names in ``model.no_weight_decay()``.
+        warmup_epochs: linear warm-up length in epochs; fractions allowed (``0.5``).
+        warmup_steps: warm-up length in optimizer steps; overrides ``warmup_epochs`` when set.
+        min_lr: learning rate the cosine ends at.
+        label_smoothing: of the training cross-entropy (evaluation uses plain cross-entropy).
+        ema: keep an exponential moving average of the weights and evaluate it too.
+        ema_decay: EMA decay per step.
+        ema_warmup: ramp the decay up early in training (timm's EMA warm-up), useful for short runs.
+        amp: mixed precision; ``"auto"`` means on when the device is CUDA. Ignored on CPU.
+        amp_dtype: autocast dtype; float16 uses a gradient scaler, bfloat16 does not need one.
+        device: ``"auto"`` (CUDA when present, else CPU) or a torch device string.
+        channels_last: NHWC memory format; ``"auto"`` follows the rule in the module docstring.
+        grad_clip: max global gradient norm, or None for no clipping.
+        seed: seeds torch, numpy and ``random`` at the start of a fresh run and the shuffling of
+            loaders built here.
+        freeze: ``"none"`` (DeRy FT) or ``"blocks"`` (DeRy FZ); see the module docstring.
+        log_every: a step line (plain output and metrics.jsonl) every this many steps; 0 for none.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema: bool = False
+    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    ema_warmup: bool = False
+    amp: bool | Literal["auto"] = "auto"
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    device: str = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    grad_clip: float | None = Field(None, gt=0)
+    seed: int = 0
+    freeze: Literal["none", "blocks"] = "none"
+    log_every: int = Field(50, ge=0)
+
+    @model_validator(mode="after")
+    def _check_lrs(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        history: one dict per epoch with the keys of :data:`EPOCH_KEYS` (same as metrics.jsonl).
+        best_val_acc: best validation top-1 of the raw model (fraction in [0, 1]), None without val.
+        best_epoch: 1-based epoch of ``best_val_acc``.
+        last_val_acc: validation top-1 after the last epoch.
+        best_ema_val_acc: best validation top-1 of the EMA weights, None without EMA or val.
+        checkpoint: folder of the last checkpoint, None without ``out_dir``.
+        ema_model: the EMA copy of the model (eval mode), None without EMA.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    last_val_acc: float | None = None
+    best_ema_val_acc: float | None = None
+    checkpoint: Path | None = None
+    ema_model: nn.Module | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the EMA model)."""
+        return {
+            "history": self.history, "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch,
+            "last_val_acc": self.last_val_acc, "best_ema_val_acc": self.best_ema_val_acc,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
+
+# ---------------------------------------------------------------------------- parameter selection
+
+
+def _role_of_params(model: nn.Module) -> dict[int, str | None]:
+    """Effective role of every parameter (by id): the nearest marked ancestor's ``_surgery_role``."""
+    roles: dict[int, str | None] = {}
+
+    def visit(module: nn.Module, inherited: str | None) -> None:
+        role = getattr(module, ROLE_ATTR, None) or inherited
+        if role is not None and role not in ROLES:
+            raise SurgeryError(f"unknown {ROLE_ATTR} {role!r} on {type(module).__name__}; expected one of {ROLES}")
+        for p in module.parameters(recurse=False):
+            roles.setdefault(id(p), role)
+        for child in module.children():
+            visit(child, role)
+
+    visit(model, None)
+    return roles
+
+
+def select_trainable(
+    model: nn.Module,
+    freeze: str = "none",
+    trainable: Callable[[nn.Module], Iterable[nn.Parameter]] | Iterable[nn.Parameter] | None = None,
+) -> list[nn.Parameter]:
+    """The parameters a run trains, following the precedence in the module docstring.
+
+    Args:
+        model: the model.
+        freeze: ``"none"`` or ``"blocks"``.
+        trainable: optional override, a parameter list or a callable ``model -> params``.
+
+    Returns:
+        The trainable parameters in ``model.parameters()`` order, without duplicates.
+
+    Raises:
+        SurgeryError: nothing would train, a parameter is not the model's, or ``freeze="blocks"``
+            on a model with no marked blocks and no ``trainable_parameters`` method.
+    """
+    if freeze not in ("none", "blocks"):
+        raise SurgeryError(f"unknown freeze mode {freeze!r}; expected 'none' or 'blocks'")
+    own = list(model.parameters())
+    if trainable is not None:
+        chosen = trainable(model) if callable(trainable) else trainable
+        ids = {id(p) for p in chosen}
+        unknown = ids - {id(p) for p in own}
+        if unknown:
+            raise SurgeryError(f"{len(unknown)} trainable parameter(s) do not belong to the model")
+    elif freeze != "none" and callable(getattr(model, "trainable_parameters", None)):
+        ids = {id(p) for p in model.trainable_parameters(freeze)}
+    elif freeze == "blocks":
+        roles = _role_of_params(model)
+        if "block" not in roles.values():
+            raise SurgeryError(
+                f"freeze='blocks' but no module of the model has {ROLE_ATTR}='block' and the model has no "
+                "trainable_parameters(freeze) method; mark the pretrained blocks or use freeze='none'"
+            )
+        ids = {i for i, role in roles.items() if role != "block"}
+    else:
+        ids = {id(p) for p in own if p.requires_grad}
+    selected = [p for p in own if id(p) in ids]
+    if not selected:
+        raise SurgeryError("no trainable parameters: everything is frozen")
+    return selected
+
+
+def _frozen_norms(model: nn.Module, trainable_ids: set[int], freeze: str) -> list[nn.Module]:
+    """Norm layers with running statistics that belong to frozen parts (kept in eval mode)."""
+    block_norms: set[int] = set()
+    if freeze == "blocks":
+
+        def visit(module: nn.Module, in_block: bool) -> None:
+            in_block = in_block or getattr(module, ROLE_ATTR, None) == "block"
+            if in_block:
+                block_norms.add(id(module))
+            for child in module.children():
+                visit(child, in_block)
+
+        visit(model, False)
+    norms = []
+    for m in model.modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:
+            continue
+        params = list(m.parameters(recurse=False))
+        if id(m) in block_norms or (params and not any(id(p) in trainable_ids for p in params)):
+            norms.append(m)
+    return norms
+
+
+def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """timm's split: no weight decay on biases, 1-D tensors (norms, scales) and ``no_weight_decay()`` names."""
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = [], []
+    for p in params:
+        name = names.get(id(p), "")
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate used by optimizer step ``step`` (0-based).
+
+    Warm-up: ``base_lr * (step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first step
+    already moves, the last warm-up step reaches ``base_lr``). Then half a cosine from ``base_lr``
+    to ``min_lr`` over the remaining steps:
+    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * t)) / 2`` with
+    ``t = (step - warmup_steps) / max(1, total_steps - warmup_steps)``.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    total = config.epochs * steps_per_epoch
+    steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
+    return min(steps, total)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step :func:`cosine_lr` as a ``LambdaLR`` (stepped after every optimizer step)."""
+    total = config.epochs * steps_per_epoch
+    warm = _warmup_steps(config, steps_per_epoch)
+    base, floor = config.lr, config.min_lr
+
+    def factor(step: int) -> float:
+        # LambdaLR multiplies each group's initial lr; all groups start at config.lr.
+        return cosine_lr(step, base_lr=base, min_lr=floor, warmup_steps=warm, total_steps=total) / base
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------- EMA
+
+
+class _SimpleEma(nn.Module):
+    """Fallback EMA with ModelEmaV3's interface, for a timm without it."""
+
+    def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False):
+        super().__init__()
+        self.module = deepcopy(model).eval()
+        self.decay, self.use_warmup = decay, use_warmup
+
+    def get_decay(self, step: int | None = None) -> float:
+        if step is None:
+            return self.decay
+        if step <= 1:
+            return 0.0
+        if self.use_warmup:  # timm's warm-up (gamma 1, power 2/3) counted from the first real update
+            return min(self.decay, 1.0 - step ** (-2.0 / 3.0))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        decay = self.get_decay(step)
+        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema_v.is_floating_point():
+                ema_v.lerp_(model_v.to(ema_v.dtype), 1.0 - decay)
+            else:
+                ema_v.copy_(model_v)
+
+
+def _make_ema(model: nn.Module, config: TrainConfig) -> nn.Module:
+    try:
+        from timm.utils import ModelEmaV3
+    except ImportError:  # older timm: our own, same update rule
+        return _SimpleEma(model, config.ema_decay, config.ema_warmup)
+    return ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup)
+
+
+# ---------------------------------------------------------------------------- data and devices
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise SurgeryError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _wants_channels_last(model: nn.Module) -> bool:
+    """A spatial convolution that is not a patchify stem (see the module docstring)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and tuple(m.kernel_size) != tuple(m.stride):
+            return True
+    return False
+
+
+def _as_loader(data: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None) -> Any:
+    """A DataLoader or any sized iterable of ``(inputs, targets)`` passes; a Dataset gets a loader."""
+    if data is None or isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        # Drop a trailing partial batch when training: a batch of 1 breaks BatchNorm.
+        drop_last = shuffle and len(data) > config.batch_size
+        return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=config.num_workers, drop_last=drop_last)
+    if not hasattr(data, "__len__") or not hasattr(data, "__iter__"):
+        raise SurgeryError(f"expected a DataLoader, a sized Dataset or a list of batches, got {type(data).__name__}")
+    return data
+
+
+def _batch_to(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise SurgeryError("each batch must be (inputs, targets) with integer class targets")
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.ndim == 4:
+            w = m.weight
+            return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    return False
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: nn.Module, loader: Any, device: str | torch.device | None = None, *, amp: bool = False,
+    channels_last: bool | None = None,
+) -> dict[str, float | int]:
+    """Top-1 accuracy and mean cross-entropy (no label smoothing) of ``model`` on ``loader``.
+
+    Args:
+        model: a classifier returning logits; moved to ``device`` when one is given.
+        loader: sized iterable of ``(inputs, integer targets)`` batches.
+        device: where to run; None uses the device of the model's parameters.
+        amp: autocast (float16) on CUDA.
+        channels_last: feed NHWC inputs; None does so when the model's convolutions are NHWC.
+
+    Returns:
+        ``{"top1": fraction in [0, 1], "loss": mean per sample, "n": samples, "images_per_s": float}``.
+    """
+    if device is None:
+        dev = _model_device(model)
+    else:
+        dev = _resolve_device(str(device)) if isinstance(device, str) else device
+        model.to(dev)
+    cl = _is_channels_last(model) if channels_last is None else channels_last
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    n = 0
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
+            for batch in loader:
+                x, y = _batch_to(batch, dev, cl)
+                logits = model(x).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(-1) == y).sum()
+                n += y.shape[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise SurgeryError("evaluation loader yielded no samples")
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return {"top1": correct.item() / n, "loss": loss_sum.item() / n, "n": n, "images_per_s": n / elapsed}
+
+
+# ---------------------------------------------------------------------------- RNG and checkpoints
+
+
+def _rng_state(loader: Any) -> dict[str, Any]:
+    """Every RNG that decides data order, dropout and augmentation, as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    for name, gen in _loader_generators(loader).items():
+        state[name] = gen.get_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in _loader_generators(loader).items():
+        if name in state:
+            gen.set_state(state[name])
+
+
+def _loader_generators(loader: Any) -> dict[str, torch.Generator]:
+    """Private generators a DataLoader or its sampler shuffle with (not covered by the global RNG)."""
+    gens = {}
+    candidates = {
+        "loader_generator": getattr(loader, "generator", None),
+        "sampler_generator": getattr(getattr(loader, "sampler", None), "generator", None),
+    }
+    for name, gen in candidates.items():
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in gens.values()):
+            gens[name] = gen
+    return gens
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint.tmp`` completely, then swap it in with renames (never a half checkpoint)."""
+    final, tmp, old = out_dir / CHECKPOINT_DIR, out_dir / f"{CHECKPOINT_DIR}.tmp", out_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"),
+               metadata={"format": CHECKPOINT_FORMAT, "epoch": str(state["epoch"])}, force_contiguous=True)
+    _fsync(tmp / "model.safetensors")
+    # state.pt last: its presence marks the folder complete.
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _find_checkpoint(out_dir: Path) -> Path | None:
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
+        folder = out_dir / name
+        if (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    return None
+
+
+# ---------------------------------------------------------------------------- output
+
+
+class _Reporter:
+    """A rich progress bar per epoch on a terminal; plain periodic lines otherwise; nothing when quiet."""
+
+    def __init__(self, quiet: bool, epochs: int, steps: int, log_every: int):
+        from rich.console import Console
+
+        self.epochs, self.steps, self.log_every = epochs, steps, log_every
+        console = Console()
+        self.mode = "quiet" if quiet else ("rich" if console.is_terminal else "plain")
+        self.progress = None
+        if self.mode == "rich":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console,
+            )
+            self.progress.start()
+        self.task = None
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, metrics="")
+
+    def step(self, epoch: int, step_in_epoch: int, metrics: dict[str, Any] | None) -> None:
+        if self.progress is not None:
+            text = (f"loss {metrics['loss']:.4f} acc {metrics['acc']:.3f} {metrics['images_per_s']:.0f} img/s"
+                    if metrics else None)
+            self.progress.update(self.task, advance=1, **({"metrics": text} if text else {}))
+        elif self.mode == "plain" and metrics:
+            print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps} loss {metrics['loss']:.4f} "
+                  f"acc {metrics['acc']:.4f} lr {metrics['lr']:.3e} {metrics['images_per_s']:.1f} img/s",
+                  flush=True)
+
+    def end_epoch(self, rec: dict[str, Any]) -> None:
+        if self.mode == "quiet":
+            return
+        parts = [f"epoch {rec['epoch']}/{self.epochs}", f"train_loss {rec['train_loss']:.4f}",
+                 f"train_acc {rec['train_acc']:.4f}"]
+        for key in ("val_loss", "val_acc", "ema_val_loss", "ema_val_acc"):
+            if rec[key] is not None:
+                parts.append(f"{key} {rec[key]:.4f}")
+        parts += [f"{rec['images_per_s']:.1f} img/s", f"{rec['epoch_time_s']:.1f}s"]
+        line = " ".join(parts)
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _append_jsonl(path: Path | None, record: dict[str, Any]) -> None:
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, done_epochs: int) -> None:
+    """Drop lines of epochs after the checkpoint (a crash mid-epoch leaves step lines behind)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) <= done_epochs:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line from the crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    model: nn.Module,
+    train_loader: Any,
+    val_loader: Any = None,
+    config: TrainConfig | dict[str, Any] | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    trainable: Callable[[nn.Module], Iterable[nn.Parameter]] | Iterable[nn.Parameter] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a classifier in place with AdamW, warm-up + cosine, label smoothing, optional EMA and AMP.
+
+    Args:
+        model: returns logits ``(N, classes)``; moved to the configured device (and NHWC if chosen).
+        train_loader: a DataLoader, a sized iterable of ``(inputs, targets)`` batches, or a Dataset
+            (then a shuffled loader of ``config.batch_size`` is built, seeded by ``config.seed``).
+        val_loader: same forms, evaluated after every epoch; None skips validation.
+        config: a :class:`TrainConfig` or a dict of its fields; None uses the defaults.
+        out_dir: folder for ``metrics.jsonl`` and ``checkpoint/``; None writes nothing. A fresh
+            (not resumed) run replaces the log and checkpoint of an earlier run in the same folder.
+        resume: continue from the last complete checkpoint in ``out_dir``. Given the same model
+            architecture, data and config, the result equals an uninterrupted run.
+        trainable: override of which parameters train (see the module docstring).
+        quiet: print nothing.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        SurgeryError: bad config, device, data or freeze setting; ``resume`` without a checkpoint;
+            a diverged (non-finite) training loss.
+    """
+    if not isinstance(config, TrainConfig):
+        try:
+            config = TrainConfig(**(config or {}))
+        except ValidationError as e:
+            raise SurgeryError(f"bad training config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise SurgeryError("resume=True needs out_dir")
+    device = _resolve_device(config.device)
+    use_amp = device.type == "cuda" and config.amp in (True, "auto")
+    if config.amp is True and device.type != "cuda":
+        warnings.warn("amp=True ignored: mixed precision is used on CUDA only", stacklevel=2)
+    amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
+    channels_last = _wants_channels_last(model) if config.channels_last == "auto" else config.channels_last
+
+    if not resume:
+        _seed_everything(config.seed)
+    loader_gen = torch.Generator().manual_seed(config.seed)
+    train_loader = _as_loader(train_loader, config, shuffle=True, generator=loader_gen)
+    val_loader = _as_loader(val_loader, config, shuffle=False, generator=None)
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:
+        raise SurgeryError("train_loader must have a length (steps per epoch drive the schedule)") from None
+    if steps_per_epoch == 0:
+        raise SurgeryError("train_loader is empty")
+
+    original_grad = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    params = select_trainable(model, config.freeze, trainable)
+    trainable_ids = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    frozen_norms = _frozen_norms(model, trainable_ids, config.freeze)
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    ema = _make_ema(model, config) if config.ema else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, global_step = 0, 0
+    metrics_path = out / "metrics.jsonl" if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        folder = _find_checkpoint(out)
+        if folder is None:
+            raise SurgeryError(f"nothing to resume: no complete checkpoint in {out}")
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        changed = sorted(k for k, v in config.model_dump(mode="json").items()
+                         if state["config"].get(k) != v and k not in _RESUME_FREE_FIELDS)
+        if state["steps_per_epoch"] != steps_per_epoch:
+            changed.append(f"steps_per_epoch {state['steps_per_epoch']} -> {steps_per_epoch}")
+        if changed:
+            warnings.warn(f"resuming with a changed config ({', '.join(changed)}): results will differ from "
+                          "an uninterrupted run", stacklevel=2)
+        load_model(model, folder / "model.safetensors", strict=True, device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, global_step, history = state["epoch"], state["step"], list(state["history"])
+        _set_rng_state(state["rng"], train_loader)
+        _truncate_metrics(metrics_path, start_epoch)
+    elif out is not None:
+        # A fresh run starts a fresh log, and drops an older run's checkpoint so that a crash in its
+        # first epoch can never be "resumed" from someone else's weights.
+        metrics_path.unlink(missing_ok=True)
+        for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+    reporter = _Reporter(quiet, config.epochs, steps_per_epoch, config.log_every)
+    checkpoint = None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            for m in frozen_norms:  # frozen statistics must not drift (see module docstring)
+                m.eval()
+            sampler = getattr(train_loader, "sampler", None)
+            if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler-style reshuffle
+                sampler.set_epoch(epoch)
+            reporter.start_epoch(epoch + 1)
+            # Running sums stay on the device; reading them only at log points avoids a sync per step.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            start = time.perf_counter()
+            for i, batch in enumerate(train_loader):
+                x, y = _batch_to(batch, device, channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = model(x)
+                loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                global_step += 1
+                if ema is not None:
+                    ema.update(model, step=global_step)
+                n = y.shape[0]
+                seen += n
+                loss_sum += loss.detach() * n
+                correct += (logits.detach().argmax(-1) == y).sum()
+                step_metrics = None
+                if config.log_every and (i + 1) % config.log_every == 0:
+                    step_metrics = {
+                        "type": "step", "epoch": epoch + 1, "step": global_step, "loss": loss_sum.item() / seen,
+                        "acc": correct.item() / seen, "lr": scheduler.get_last_lr()[0],
+                        "images_per_s": seen / max(time.perf_counter() - start, 1e-9),
+                    }
+                    _append_jsonl(metrics_path, step_metrics)
+                reporter.step(epoch + 1, i + 1, step_metrics)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            train_loss = loss_sum.item() / max(seen, 1)
+            if not math.isfinite(train_loss):
+                raise SurgeryError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr")
+            record: dict[str, Any] = {
+                "type": "epoch", "epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
+                "train_acc": correct.item() / max(seen, 1), "val_loss": None, "val_acc": None,
+                "ema_val_loss": None, "ema_val_acc": None, "lr": scheduler.get_last_lr()[0],
+                "images_per_s": seen / elapsed, "epoch_time_s": 0.0,
+            }
+            if val_loader is not None:
+                ev = evaluate(model, val_loader, amp=use_amp, channels_last=channels_last)
+                record["val_loss"], record["val_acc"] = ev["loss"], ev["top1"]
+                if ema is not None:
+                    ev = evaluate(ema.module, val_loader, amp=use_amp, channels_last=channels_last)
+                    record["ema_val_loss"], record["ema_val_acc"] = ev["loss"], ev["top1"]
+            record["epoch_time_s"] = time.perf_counter() - start
+            history.append(record)
+            _append_jsonl(metrics_path, record)
+            reporter.end_epoch(record)
+            if out is not None:
+                # Saved after validation: the RNG state is then exactly where the next epoch begins.
+                state = {
+                    "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": global_step,
+                    "steps_per_epoch": steps_per_epoch, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "ema": dict(ema.module.state_dict()) if ema is not None else None,
+                    "rng": _rng_state(train_loader), "history": history,
+                    "config": config.model_dump(mode="json"),
+                }
+                checkpoint = _save_checkpoint(out, model, state)
+    finally:
+        reporter.close()
+        for p in model.parameters():
+            p.requires_grad_(original_grad.get(id(p), True))
+        model.train(was_training)
+
+    if checkpoint is None and out is not None:
+        checkpoint = _find_checkpoint(out)  # resumed a run that was already complete
+    vals = [(r["val_acc"], r["epoch"]) for r in history if r["val_acc"] is not None]
+    best = max(vals, key=lambda v: v[0]) if vals else (None, None)
+    ema_vals = [r["ema_val_acc"] for r in history if r["ema_val_acc"] is not None]
+    return TrainResult(
+        history=history, best_val_acc=best[0], best_epoch=best[1], last_val_acc=vals[-1][0] if vals else None,
+        best_ema_val_acc=max(ema_vals) if ema_vals else None, checkpoint=checkpoint,
+        ema_model=ema.module if ema is not None else None,
+    )
