@@ -1,0 +1,475 @@
+"""Dissect a model into blocks: the public :func:`dissect` and the :class:`Dissection` it returns.
+
+Steps (``DESIGN.md``, "Dissect"): trace once with torch.fx and timm's registries
+(:mod:`surgery.tracing`); probe the graph on the meta device at batch 1 (shapes and MACs per node), at
+batch 2, and at a second resolution when the model accepts one; find the cut points where exactly one
+tensor crosses and fit rules that recompute crossing shape integers from that tensor
+(:mod:`surgery.cuts`); group cut nodes into runs, one candidate per run; choose boundaries by
+granularity; and materialise each block as a standalone ``torch.fx.GraphModule`` that shares its
+parameters with the model. Running the blocks in order reproduces the model.
+
+Provenance: the cut-point definition and the measurements behind it are in ``research/feasibility.md``
+§3; the node-copy construction of sub-graphs follows the idea of ``torch.fx.passes.split_module`` and
+torchvision's feature extractor (``research/ecosystem.md`` §1), written for single-tensor interfaces.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from surgery import cuts as C
+from surgery.count import count_params
+from surgery.errors import SurgeryError, TraceError
+from surgery.spec import BlockInfo, TensorSpec
+from surgery.tracing import Probe, TensorShape, has_tensor, one_line, run_probe, trace_model
+
+__all__ = ["dissect", "Dissection", "GRANULARITIES"]
+
+GRANULARITIES = ("node", "block", "stage")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# second resolutions tried for the resolution probe (added to H, W); non-square first, so that the
+# probe can tell height from width
+_RESOLUTION_STEPS = ((32, 64), (64, 64))
+
+
+# --- tensor specs ------------------------------------------------------------------------------
+
+def _tokens_layout(n: int, n_res: int | None, hw: tuple[int, int], hw_res: tuple[int, int] | None,
+                   prefix_hint: int | None) -> tuple[tuple[int, int] | None, int | None, int]:
+    """Patch grid, stride and prefix-token count of ``n`` tokens, from the input size (and a 2nd probe)."""
+    h, w = hw
+    best = None
+    for s in range(1, h + 1):
+        if h % s or w % s:
+            continue
+        area = (h // s) * (w // s)
+        prefix = n - area
+        if not 0 <= prefix <= 16:
+            continue
+        if hw_res is not None and n_res is not None:
+            if hw_res[0] % s or hw_res[1] % s or n_res - (hw_res[0] // s) * (hw_res[1] // s) != prefix:
+                continue
+        score = (prefix != prefix_hint, prefix)  # the model's own num_prefix_tokens wins, then fewest
+        if best is None or score < best[0]:
+            best = (score, (h // s, w // s), s, prefix)
+    if best is None:
+        return None, None, 0
+    return best[1], best[2], best[3]
+
+
+def infer_spec(shape: tuple[int, ...], res_shape: tuple[int, ...] | None, hw: tuple[int, int],
+               hw_res: tuple[int, int] | None, prefix_hint: int | None = None) -> TensorSpec:
+    """Describe a tensor crossing a cut from its batch-1 shape (and its shape at a second resolution).
+
+    Layout: 4-d tensors are ``NCHW`` unless the dims that follow the resolution are 1 and 2 (``NHWC``,
+    e.g. timm Swin stages); without a resolution probe, a 4-d tensor whose dims 1-2 have the input's
+    aspect ratio and dims 2-3 do not is taken as ``NHWC``. 3-d tensors are ``NLC`` tokens; their patch
+    grid and prefix tokens are found as ``N = prefix + (H/s)(W/s)`` for a stride ``s`` (preferring the
+    model's ``num_prefix_tokens``). 2-d tensors are ``NC`` vectors.
+
+    Args:
+        shape: shape at batch 1.
+        res_shape: shape in the resolution probe, or ``None``.
+        hw: input height and width.
+        hw_res: input height and width of the resolution probe, or ``None``.
+        prefix_hint: the model's ``num_prefix_tokens`` when it has one.
+    """
+    shape = tuple(shape)
+    h, w = hw
+    if len(shape) == 4:
+        if res_shape is not None and len(res_shape) == 4:
+            changed = {d for d in (1, 2, 3) if shape[d] != res_shape[d]}
+            nhwc = 1 in changed and 3 not in changed
+        else:
+            def same_aspect(a: int, b: int) -> bool:
+                return a * w == b * h
+            nhwc = same_aspect(shape[1], shape[2]) and not same_aspect(shape[2], shape[3])
+        if nhwc:
+            grid, channels = (shape[1], shape[2]), shape[3]
+        else:
+            grid, channels = (shape[2], shape[3]), shape[1]
+        stride = h // grid[0] if grid[0] else None
+        return TensorSpec("NHWC" if nhwc else "NCHW", channels, grid, stride, 0, shape)
+    if len(shape) == 3:
+        n_res = res_shape[1] if res_shape is not None and len(res_shape) == 3 else None
+        grid, stride, prefix = _tokens_layout(shape[1], n_res, hw, hw_res if n_res is not None else None,
+                                              prefix_hint)
+        return TensorSpec("NLC", shape[2], grid, stride, prefix, shape)
+    if len(shape) == 2:
+        return TensorSpec("NC", shape[1], None, None, 0, shape)
+    return TensorSpec("other", shape[1] if len(shape) > 1 else 0, None, None, 0, shape)
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+def _emit_rule(graph: Graph, x: Node, rule) -> Any:
+    """Materialise a crossing-value rule as graph nodes computing it from the block input ``x``."""
+    if isinstance(rule, C.Const):
+        return rule.value
+    if isinstance(rule, C.FromDim):
+        value = graph.call_method("size", (x, rule.dim))
+        if rule.num != 1:
+            value = graph.call_function(operator.mul, (value, rule.num))
+        if rule.den != 1:
+            value = graph.call_function(operator.floordiv, (value, rule.den))
+        return value
+    items = [_emit_rule(graph, x, r) for r in rule.items]
+    if rule.kind is torch.Size:
+        return graph.call_function(torch.Size, (items,))
+    return rule.kind(items)
+
+
+def _class_name(name: str, index: int) -> str:
+    base = re.sub(r"\W", "_", name) or "model"
+    return f"{base}_block{index}"
+
+
+def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: int | None,
+                rules: dict[str, Any], class_name: str = "Block") -> GraphModule:
+    """Copy the nodes after ``start`` up to ``end`` into a standalone ``GraphModule``.
+
+    Args:
+        gm: the traced model; submodules and parameters are shared, not copied.
+        nodes: its nodes in graph order.
+        start: position of the cut whose output is the block input (``None``: the model input).
+        end: position of the cut whose output the block returns (``None``: up to the model output).
+        rules: crossing-value rules of the ``start`` cut (name -> rule), see :func:`surgery.cuts.fit_rule`.
+        class_name: class name of the generated module.
+    """
+    graph = Graph()
+    env: dict[Node, Any] = {}
+    x = None
+    if start is not None:
+        x = graph.placeholder("x")
+        env[nodes[start]] = x
+
+    def lookup(a: Node) -> Any:
+        if a not in env:  # defined before the block: a parameter, or a shape value recomputed from x
+            if a.op == "get_attr":
+                env[a] = graph.node_copy(a)
+            else:
+                env[a] = _emit_rule(graph, x, rules[a.name])
+        return env[a]
+
+    first = 0 if start is None else start + 1
+    last = len(nodes) - 1 if end is None else end
+    for i in range(first, last + 1):
+        env[nodes[i]] = graph.node_copy(nodes[i], lookup)
+    if end is not None:
+        graph.output(env[nodes[end]])
+    block = GraphModule(gm, graph, class_name)
+    block.eval()
+    return block
+
+
+# --- the dissection ------------------------------------------------------------------------------
+
+class Dissection:
+    """A model cut into blocks, with everything needed to re-cut it differently.
+
+    Attributes:
+        name: model name.
+        input_size: input size without batch, e.g. ``(3, 224, 224)``.
+        granularity: the granularity the boundaries were chosen at.
+        graph_module: the traced model (shares parameters with the original).
+        cut_points: every candidate cut point (one per run of cut nodes), in graph order.
+        boundaries: names of the cut points the blocks end at.
+        blocks: the blocks, standalone modules; chained they reproduce the model.
+        block_info: metadata of each block (params and MACs counted once each; MACs at batch 1).
+        params: parameters of the model; macs: MACs of the model at batch 1 and ``input_size``.
+        input_spec / output_spec: specs of the model input and output.
+        resizable: whether the model accepted a second input resolution in the probes (then the blocks
+            recompute spatial sizes and accept other resolutions too).
+    """
+
+    def __init__(self, *, name: str, input_size: tuple[int, ...], granularity: str, min_macs_fraction: float,
+                 graph_module: GraphModule, nodes: list[Node], valid_cuts: dict[int, dict[str, Any]],
+                 specs: dict[int, TensorSpec], node_macs: list[int], params: int, cut_points: list[C.CutPoint],
+                 input_spec: TensorSpec, output_spec: TensorSpec, resizable: bool):
+        self.name = name
+        self.input_size = tuple(input_size)
+        self.granularity = granularity
+        self.min_macs_fraction = min_macs_fraction
+        self.graph_module = graph_module
+        self._nodes = nodes
+        self._valid_cuts = valid_cuts
+        self._specs = specs
+        self._cum_macs = [0] * len(node_macs)
+        total = 0
+        for i, m in enumerate(node_macs):
+            total += m
+            self._cum_macs[i] = total
+        self.params = params
+        self.macs = total
+        self.cut_points = cut_points
+        self.input_spec = input_spec
+        self.output_spec = output_spec
+        self.resizable = resizable
+        self._position = {n.name: i for i, n in enumerate(nodes)}
+        self.boundaries: list[str] = []
+        self.blocks: list[nn.Module] = []
+        self.block_info: list[BlockInfo] = []
+
+    def _positions(self, boundaries: Sequence[str]) -> list[int]:
+        positions = []
+        for b in boundaries:
+            pos = self._position.get(b)
+            if pos is None or pos not in self._valid_cuts:
+                raise SurgeryError(f"{self.name}: {b!r} is not a cut point of this model")
+            positions.append(pos)
+        return sorted(set(positions))
+
+    def split(self, boundaries: Sequence[str]) -> list[nn.Module]:
+        """Blocks for any set of cut-point node names (order does not matter).
+
+        Any node that is a valid single-tensor cut is accepted, not only the listed ``cut_points``.
+
+        Args:
+            boundaries: node names where the model is cut; ``[]`` gives the whole model as one block.
+
+        Returns:
+            ``len(boundaries) + 1`` modules; chained they reproduce the model.
+
+        Raises:
+            SurgeryError: when a name is not a cut point.
+        """
+        positions = self._positions(boundaries)
+        starts, ends = [None, *positions], [*positions, None]
+        return [
+            build_block(self.graph_module, self._nodes, s, e, self._valid_cuts[s] if s is not None else {},
+                        _class_name(self.name, i))
+            for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+        ]
+
+    def block_infos(self, boundaries: Sequence[str], blocks: Sequence[nn.Module]) -> list[BlockInfo]:
+        """Metadata of the blocks produced by :meth:`split` for ``boundaries``."""
+        positions = self._positions(boundaries)
+        n = len(self._nodes)
+        infos = []
+        starts, ends = [None, *positions], [*positions, None]
+        for i, (s, e, block) in enumerate(zip(starts, ends, blocks, strict=True)):
+            macs_before = self._cum_macs[s] if s is not None else 0
+            macs_to = self._cum_macs[e] if e is not None else self.macs
+            infos.append(BlockInfo(
+                model=self.name, index=i,
+                start=self._nodes[s].name if s is not None else None,
+                end=self._nodes[e].name if e is not None else None,
+                params=count_params(block), macs=macs_to - macs_before,
+                in_spec=self._specs[s] if s is not None else self.input_spec,
+                out_spec=self._specs[e] if e is not None else self.output_spec,
+                depth=(s / n if s is not None else 0.0, e / n if e is not None else 1.0),
+            ))
+        return infos
+
+    def set_boundaries(self, boundaries: Sequence[str]) -> None:
+        """Re-cut at ``boundaries``: updates ``boundaries``, ``blocks`` and ``block_info``."""
+        positions = self._positions(boundaries)
+        self.boundaries = [self._nodes[p].name for p in positions]
+        self.blocks = self.split(self.boundaries)
+        self.block_info = self.block_infos(self.boundaries, self.blocks)
+
+    def run_blocks(self, x: torch.Tensor, blocks: Sequence[nn.Module] | None = None) -> Any:
+        """Run ``blocks`` (default: :attr:`blocks`) in order on ``x``."""
+        for block in self.blocks if blocks is None else blocks:
+            x = block(x)
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: name, sizes, granularity, cut points, boundaries, block infos (no tensors)."""
+        return {
+            "name": self.name,
+            "input_size": list(self.input_size),
+            "granularity": self.granularity,
+            "min_macs_fraction": self.min_macs_fraction,
+            "params": int(self.params),
+            "macs": int(self.macs),
+            "resizable": self.resizable,
+            "input_spec": self.input_spec.to_dict(),
+            "output_spec": self.output_spec.to_dict(),
+            "cut_points": [c.to_dict() for c in self.cut_points],
+            "boundaries": list(self.boundaries),
+            "blocks": [b.to_dict() for b in self.block_info],
+        }
+
+    def __repr__(self) -> str:
+        return (f"Dissection({self.name!r}, {len(self.blocks)} blocks at {self.granularity!r}, "
+                f"{len(self.cut_points)} cut points, {self.params / 1e6:.2f}M params, {self.macs / 1e9:.3f} GMACs)")
+
+
+def _probes(gm: GraphModule, input_size: tuple[int, ...], name: str) -> tuple[Probe, list[Probe], Probe | None]:
+    """Batch-1 probe with FLOPs, the list of probes used to fit crossing rules, and the resolution probe."""
+    try:
+        base = run_probe(gm, (1, *input_size), count_flops=True)
+    except Exception as exc:
+        raise TraceError(f"{name}: forward pass on input {tuple(input_size)} failed ({one_line(exc)})") from exc
+    on_meta = base.device == "meta"
+    fit = [base, run_probe(gm, (2, *input_size), on_meta=on_meta)]
+    res = None
+    if len(input_size) == 3:
+        c, h, w = input_size
+        for dh, dw in _RESOLUTION_STEPS:
+            try:
+                res = run_probe(gm, (2, c, h + dh, w + dw), on_meta=on_meta)
+                break
+            except Exception:  # the model fixes its input size (asserts, fixed position embeddings)
+                continue
+    if res is not None:
+        fit.append(res)
+    return base, fit, res
+
+
+def _is_container(model: nn.Module):
+    def is_container(path: str) -> bool:
+        return path == "" or isinstance(model.get_submodule(path), _CONTAINERS)
+    return is_container
+
+
+def _is_simple(model: nn.Module):
+    """A single layer: at most one module with its own parameters in its subtree."""
+    def is_simple(path: str | None) -> bool:
+        if path is None:
+            return True
+        with_params = sum(1 for m in model.get_submodule(path).modules()
+                          if next(m.parameters(recurse=False), None) is not None)
+        return with_params <= 1
+    return is_simple
+
+
+def _output_producer(nodes: Sequence[Node]) -> int | None:
+    out = nodes[-1]
+    arg = out.args[0] if out.args else None
+    if isinstance(arg, Node):
+        return nodes.index(arg)
+    return None
+
+
+def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name: str = "model",
+            granularity: str = "block", min_macs_fraction: float = 0.0, verify: bool = False,
+            device: torch.device | str | None = None) -> Dissection:
+    """Trace ``model`` once and cut it into blocks.
+
+    Candidate cut points are single-tensor cuts, one per run of consecutive cut nodes. Granularity:
+
+    * ``"node"``: every candidate is a boundary.
+    * ``"block"``: candidates between children of the root or of a container module (``nn.Sequential``,
+      ``nn.ModuleList``, ``nn.ModuleDict``), not inside a block module: one block per transformer block,
+      residual block, MBConv block, ...; stem and head are blocks of their own when a cut separates them.
+    * ``"stage"``: block boundaries where the next block changes grid, channels or layout, plus the first
+      (end of stem) and the last (start of head).
+
+    Then, if ``min_macs_fraction > 0``, adjacent blocks are merged until each has at least that share of
+    the model's MACs. Works on models on the ``meta`` device (structure only: nothing is computed).
+
+    Args:
+        model: the model (eval mode is used for tracing; its mode is restored).
+        input_size: input size without batch.
+        name: model name for metadata and messages.
+        granularity: ``"node"``, ``"block"`` or ``"stage"``.
+        min_macs_fraction: minimum share of the model's MACs per block, in ``[0, 1)``.
+        verify: run a random batch through model and blocks and check they agree (skipped on meta).
+        device: device of the verification input; default the model's device.
+
+    Returns:
+        The :class:`Dissection`.
+
+    Raises:
+        TraceError: the model cannot be traced, fails on this input size, has fewer than 2 cut points,
+            or (with ``verify``) its blocks do not reproduce it.
+        SurgeryError: bad arguments.
+    """
+    if granularity not in GRANULARITIES:
+        raise SurgeryError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    if not 0.0 <= min_macs_fraction < 1.0:
+        raise SurgeryError(f"min_macs_fraction must be in [0, 1), not {min_macs_fraction}")
+    input_size = tuple(int(s) for s in input_size)
+    gm = trace_model(model, name)
+    nodes = list(gm.graph.nodes)
+    base, fit, res = _probes(gm, input_size, name)
+
+    values = [base.values[n.name] for n in nodes]
+    is_tensor = [has_tensor(v) for v in values]
+    single = [all(isinstance(p.values[n.name], TensorShape) for p in fit) for n in nodes]
+    valid = C.crossing_rules(nodes, [p.values for p in fit], is_tensor, C.tensor_cuts(nodes, is_tensor, single))
+    runs = C.group_runs(sorted(valid), is_tensor)
+    module_path = [n.meta.get("module_path", "") for n in nodes]
+    at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
+                                           lambda path: type(model.get_submodule(path)))
+    candidates, block_level = C.run_candidates(runs, _output_producer(nodes), at_boundary)
+    if len(candidates) < 2:
+        raise TraceError(f"{name}: only {len(candidates)} cut point(s) where a single tensor crosses; "
+                         "cannot be cut into blocks")
+
+    hw = input_size[1:] if len(input_size) == 3 else (1, 1)
+    hw_res = res.input_shape[2:] if res is not None else None
+    prefix_hint = getattr(model, "num_prefix_tokens", None)
+
+    def spec_of(pos: int) -> TensorSpec:
+        shape = base.values[nodes[pos].name].shape
+        res_shape = res.values[nodes[pos].name].shape if res is not None else None
+        return infer_spec(shape, res_shape, hw, hw_res, prefix_hint)
+
+    specs = {p: spec_of(p) for p in valid}
+    node_macs = [base.flops.get(n.name, 0) // 2 for n in nodes]  # counter FLOPs -> MACs
+    cum, total = [], 0
+    for m in node_macs:
+        total += m
+        cum.append(total)
+    cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
+    out_pos = _output_producer(nodes)
+    out_value = base.values[nodes[out_pos].name] if out_pos is not None else None
+    output_spec = (infer_spec(out_value.shape, res.values[nodes[out_pos].name].shape if res else None, hw,
+                              hw_res, prefix_hint)
+                   if isinstance(out_value, TensorShape) else TensorSpec("other", 0))
+    input_spec = infer_spec((1, *input_size), None, hw, None) if len(input_size) == 3 else TensorSpec(
+        "other", input_size[0], shape=(1, *input_size))
+
+    if granularity == "node":
+        bounds = list(candidates)
+    else:
+        is_simple = _is_simple(model)
+        single_layer = [is_simple(path.split(".")[0] if path else None) for path in module_path]
+        bounds = C.prune_block_boundaries([p for p in candidates if p in block_level], specs, single_layer)
+        if granularity == "stage":
+            bounds = C.stage_boundaries(bounds, [specs[p] for p in bounds])
+    if min_macs_fraction > 0:
+        bounds = C.merge_small_blocks(bounds, [cum[p] for p in bounds], total, min_macs_fraction)
+
+    dissection = Dissection(
+        name=name, input_size=input_size, granularity=granularity, min_macs_fraction=min_macs_fraction,
+        graph_module=gm, nodes=nodes, valid_cuts=valid, specs=specs, node_macs=node_macs,
+        params=count_params(model), cut_points=cut_points, input_spec=input_spec, output_spec=output_spec,
+        resizable=res is not None,
+    )
+    dissection.set_boundaries([nodes[p].name for p in bounds])
+    if verify:
+        _verify(model, dissection, device)
+    return dissection
+
+
+def _verify(model: nn.Module, dissection: Dissection, device) -> None:
+    """Check on a random batch of 2 that the chained blocks reproduce the model (eval mode)."""
+    params = list(model.parameters())
+    if params and params[0].device.type == "meta":
+        return  # structure only: nothing to compare
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, *dissection.input_size, device=device)
+            expected, got = model(x), dissection.run_blocks(x)
+    finally:
+        model.train(was_training)
+    flat_e, flat_g = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
+    ok = len(flat_e) == len(flat_g) and all(
+        torch.allclose(e, g, rtol=1e-4, atol=1e-5) for e, g in zip(flat_e, flat_g, strict=True)
+        if isinstance(e, torch.Tensor))
+    if not ok:
+        raise TraceError(f"{dissection.name}: chained blocks do not reproduce the model output")

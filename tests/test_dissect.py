@@ -1,0 +1,230 @@
+"""Tests of surgery.dissect (surgery/dissection.py): blocks reproduce their model, counts add up, granularities behave.
+
+Fast tests run over all of timm's tiny ``test_*`` models; ``slow`` ones over ~45 real architectures
+(random init, default input size). Every model is built and dissected once per module (cached).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from surgery.count import count_macs, count_params
+from surgery.dissection import dissect
+from surgery.errors import SurgeryError, TraceError
+
+torch.set_num_threads(2)
+
+TEST_MODELS = timm.list_models("test_*")
+VIT_LIKE = [n for n in TEST_MODELS if n.startswith("test_vit")]
+# models whose graph accepts a second input resolution (checked: dissection.resizable)
+RESIZABLE = ["test_resnet", "test_byobnet", "test_convnext", "test_efficientnet", "test_nfnet"]
+
+_CACHE: dict[tuple[str, str], tuple[nn.Module, object]] = {}
+
+
+def _input_size(model: nn.Module) -> tuple[int, ...]:
+    return tuple(model.pretrained_cfg["input_size"])
+
+
+def get(name: str, granularity: str = "block"):
+    """Model and dissection, built once per (name, granularity); the model itself once per name."""
+    key = (name, granularity)
+    if key not in _CACHE:
+        model = next((m for (n, _), (m, _) in _CACHE.items() if n == name), None)
+        if model is None:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False).eval()
+        _CACHE[key] = (model, dissect(model, _input_size(model), name=name, granularity=granularity))
+    return _CACHE[key]
+
+
+def _assert_chain(model: nn.Module, d, batch: int = 3, size: tuple[int, ...] | None = None, blocks=None):
+    size = size or d.input_size
+    x = torch.randn(batch, *size)
+    with torch.no_grad():
+        expected = model(x)
+        got = d.run_blocks(x, blocks)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_blocks_reproduce_model_other_batch(name):
+    model, d = get(name)
+    assert len(d.blocks) >= 2
+    _assert_chain(model, d, batch=3)  # probes ran at batch 1 and 2
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_node_granularity_reproduces_model(name):
+    model, d_node = get(name, "node")
+    _, d_block = get(name)
+    assert len(d_node.blocks) >= len(d_block.blocks)
+    assert set(d_block.boundaries) <= {c.name for c in d_node.cut_points}
+    _assert_chain(model, d_node, batch=3)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_block_params_and_macs_add_up(name):
+    model, d = get(name)
+    assert sum(b.params for b in d.block_info) == d.params == sum(p.numel() for p in model.parameters())
+    assert sum(b.macs for b in d.block_info) == d.macs
+    # independent count: each block run on its own input, and the model in one go
+    x = torch.randn(1, *d.input_size)
+    per_block = []
+    with torch.no_grad():
+        for block in d.blocks:
+            per_block.append(count_macs(block, x))
+            x = block(x)
+    model_macs = count_macs(model, torch.randn(1, *d.input_size))
+    assert sum(per_block) == pytest.approx(model_macs, rel=0.01)
+    assert d.macs == pytest.approx(model_macs, rel=0.01)
+    for info, macs in zip(d.block_info, per_block, strict=True):
+        assert info.macs == pytest.approx(macs, rel=0.01, abs=1000)
+
+
+@pytest.mark.parametrize("name", VIT_LIKE)
+def test_vit_cut_per_transformer_block(name):
+    model, d = get(name)
+    depth = len(model.blocks)
+    assert len(d.blocks) == depth + 2  # stem (patch embedding) + one per block + norm/pool/head
+    middle = d.block_info[1:-1]
+    assert all(b.in_spec.layout == "NLC" and b.out_spec.layout == "NLC" for b in middle)
+    assert all(b.out_spec.channels == model.embed_dim for b in middle)
+    assert all(b.out_spec.prefix_tokens == model.num_prefix_tokens for b in middle)
+
+
+@pytest.mark.parametrize("name", RESIZABLE)
+def test_other_resolution(name):
+    model, d = get(name)
+    assert d.resizable
+    c, h, w = d.input_size
+    _assert_chain(model, d, batch=2, size=(c, h + 32, w + 64))
+
+
+def test_stage_granularity_and_specs():
+    model, d = get("test_resnet", "stage")
+    _, d_block = get("test_resnet")
+    assert 3 <= len(d.blocks) <= len(d_block.blocks)
+    specs = [b.out_spec for b in d.block_info]
+    assert [s.layout for s in specs[:-1]] == ["NCHW"] * (len(specs) - 1)
+    assert specs[-1].layout == "NC" and specs[-1].channels == 1000
+    strides = [s.stride for s in specs[:-1]]
+    assert strides == sorted(strides) and strides[-1] == 32
+    _assert_chain(model, d)
+
+
+def test_min_macs_fraction_merges_small_blocks():
+    model, _ = get("test_vit")
+    d = dissect(model, _input_size(model), name="test_vit", min_macs_fraction=0.2)
+    assert all(b.macs >= 0.2 * d.macs for b in d.block_info) or len(d.blocks) == 1
+    assert sum(b.macs for b in d.block_info) == d.macs
+    _assert_chain(model, d)
+
+
+def test_split_any_subset_and_to_dict():
+    model, d = get("test_convnext", "node")
+    names = [c.name for c in d.cut_points]
+    subset = names[1::3]
+    blocks = d.split(list(reversed(subset)))  # order does not matter
+    assert len(blocks) == len(subset) + 1
+    _assert_chain(model, d, blocks=blocks)
+    assert d.split([])[0] is not None
+    with pytest.raises(SurgeryError):
+        d.split(["no_such_node"])
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["name"] == "test_convnext" and data["granularity"] == "node"
+    assert len(data["cut_points"]) == len(d.cut_points) and len(data["blocks"]) == len(d.blocks)
+    assert [b["index"] for b in data["blocks"]] == list(range(len(d.blocks)))
+    depths = [c["depth"] for c in data["cut_points"]]
+    assert depths == sorted(depths) and 0 < depths[0] and depths[-1] < 1
+    macs = [c["macs"] for c in data["cut_points"]]
+    assert macs == sorted(macs) and macs[-1] <= d.macs
+
+
+def test_meta_model_structure_only():
+    with torch.device("meta"):
+        model = timm.create_model("test_vit", pretrained=False).eval()
+    d = dissect(model, _input_size(model), name="test_vit", verify=True)  # verify is skipped on meta
+    _, d_cpu = get("test_vit")
+    assert d.macs == d_cpu.macs and d.params == d_cpu.params
+    assert d.boundaries == d_cpu.boundaries
+    assert [b.to_dict() for b in d.block_info] == [b.to_dict() for b in d_cpu.block_info]
+
+
+def test_verify_passes():
+    model, _ = get("test_efficientnet")
+    dissect(model, _input_size(model), name="test_efficientnet", verify=True)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a traced value: torch.fx cannot trace this
+            return self.a(x)
+        return self.b(x)
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)  # no single-tensor cut before the output
+
+
+def test_errors_are_one_line_trace_errors():
+    with pytest.raises(TraceError, match="untraceable_net") as info:
+        dissect(_DataDependent(), (4,), name="untraceable_net")
+    assert "\n" not in str(info.value)
+    with pytest.raises(TraceError, match="two_branches.*cut point"):
+        dissect(_TwoBranches(), (4,), name="two_branches")
+    with pytest.raises(SurgeryError):
+        dissect(_TwoBranches(), (4,), granularity="layer")
+
+
+# --- real architectures (slow) -------------------------------------------------------------------
+
+# (name, minimum number of blocks at granularity="block"); fewer than 4 only with a reason.
+SLOW_MODELS = [
+    ("resnet18", 4), ("resnet50", 4), ("resnext50_32x4d", 4), ("regnety_004", 4), ("regnetx_002", 4),
+    ("efficientnet_b0", 4), ("tf_efficientnetv2_b0", 4), ("mobilenetv3_large_100", 4), ("mobilenetv2_100", 4),
+    ("mobilenetv4_conv_small", 4), ("ghostnet_100", 4), ("rexnet_100", 4), ("repvit_m0_9", 4),
+    ("convnext_atto", 4), ("convnextv2_atto", 4), ("vit_tiny_patch16_224", 4), ("deit_tiny_patch16_224", 4),
+    ("deit_tiny_distilled_patch16_224", 4), ("eva02_tiny_patch14_224", 4), ("pit_ti_224", 4),
+    ("cait_xxs24_224", 4), ("swin_tiny_patch4_window7_224", 4), ("swinv2_tiny_window8_256", 4),
+    ("maxvit_nano_rw_256", 4), ("coat_lite_tiny", 4), ("levit_128s", 4), ("efficientformer_l1", 4),
+    ("edgenext_xx_small", 4), ("fastvit_t8", 4), ("tiny_vit_5m_224", 4), ("mobilevit_xxs", 4),
+    ("poolformer_s12", 4), ("mixer_s16_224", 4), ("resmlp_12_224", 4), ("densenet121", 4),
+    ("inception_v3", 4), ("xception41", 4), ("dla34", 4), ("cspresnet50", 4), ("dpn68", 4),
+    ("ese_vovnet19b_dw", 4), ("hrnet_w18_small", 4),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "min_blocks"), SLOW_MODELS, ids=[n for n, _ in SLOW_MODELS])
+def test_real_architecture(name, min_blocks):
+    model, d = get(name)
+    assert len(d.blocks) >= min_blocks
+    # a parameter shared between blocks (CoaT's shared conv position encoding) counts in each block
+    assert count_params(nn.ModuleList(d.blocks)) == d.params
+    assert sum(b.params for b in d.block_info) >= d.params
+    _assert_chain(model, d, batch=3)
+    _CACHE.clear()  # real models are large: keep one at a time
+
+
+@pytest.mark.slow
+def test_crossvit_has_too_few_cut_points():
+    # crossvit's two branches only merge at the very end ("stack", "mean"): one run, no cut point
+    model = timm.create_model("crossvit_tiny_240", pretrained=False).eval()
+    with pytest.raises(TraceError, match="crossvit_tiny_240"):
+        dissect(model, (3, 240, 240), name="crossvit_tiny_240")
