@@ -1,6 +1,56 @@
 """surgery: cut pretrained networks into blocks, find equivalent blocks, reassemble them under budgets.
 
 Entry points: ``import surgery`` (this module) and the ``surgery`` command (:mod:`surgery.cli`).
+
+Public API (imported lazily, so ``import surgery`` stays cheap)::
+
+    surgery.dissect(model, input_size=(3, 224, 224))   # -> Dissection (.blocks, .block_info, ...)
+    surgery.load_library(workdir)                      # blocks rebuilt from a workspace
+    surgery.cka(X, Y, estimator="unbiased")            # linear CKA of two feature matrices
+    surgery.StreamingCKA                               # all-pairs minibatch CKA accumulator
+    surgery.count_macs(module, x), surgery.count_params(module)
+    surgery.reassemble(workdir, max_gflops=..., data=...)  # -> ranked candidates and the built model
+    surgery.load(model_dir)                            # a saved reassembled model, no unpickling
+    surgery.train(model, loader, val_loader, config)   # the one training loop
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "dissect": ("surgery.dissection", "dissect"),
+    "Dissection": ("surgery.dissection", "Dissection"),
+    "load_library": ("surgery.library", "load_library"),
+    "Library": ("surgery.library", "Library"),
+    "cka": ("surgery.cka", "cka"),
+    "StreamingCKA": ("surgery.cka", "StreamingCKA"),
+    "count_macs": ("surgery.count", "count_macs"),
+    "count_params": ("surgery.count", "count_params"),
+    "TensorSpec": ("surgery.spec", "TensorSpec"),
+    "BlockInfo": ("surgery.spec", "BlockInfo"),
+    "Workspace": ("surgery.workspace", "Workspace"),
+    "reassemble": ("surgery.reassembly", "reassemble"),
+    "load": ("surgery.assembled", "load"),
+    "ReassembledModel": ("surgery.assembled", "ReassembledModel"),
+    "train": ("surgery.train", "train"),
+    "evaluate": ("surgery.train", "evaluate"),
+    "TrainConfig": ("surgery.train", "TrainConfig"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

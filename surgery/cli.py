@@ -1,0 +1,341 @@
+"""The ``surgery`` command.
+
+Every command follows the same conventions (DESIGN.md, Conventions): ``--help`` with an example, a
+progress display on long work that degrades to plain lines when output is not a terminal, ``--json``
+for machine-readable output, exit code 0 on success and 2 on bad input with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surgery.errors import USER_ERRORS
+from surgery.workspace import DEFAULT_WORKSPACE
+
+app = typer.Typer(
+    name="surgery",
+    help="Model surgery: dissect pretrained networks into blocks, find equivalent blocks, reassemble them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+WorkdirArg = Annotated[Path, typer.Argument(help="Workspace folder written by 'surgery dissect'.")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit (code 2 = bad input)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def fmt_m(n: int | float) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def fmt_g(n: int | float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+class StepProgress:
+    """A per-item progress display: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False):
+        self.total, self.label, self.quiet = total, label, quiet
+        self.done = 0
+        self._progress = None
+        if not quiet and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=console, transient=True)
+            self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self):
+        if self._progress:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+    def update(self, item: str, phase: str) -> None:
+        if self._progress:
+            if phase == "done":
+                self._progress.advance(self._task)
+            self._progress.update(self._task, description=f"{self.label}: {item} ({phase})")
+        elif not self.quiet and phase == "done":
+            self.done += 1
+            print(f"[{self.done}/{self.total}] {item}", file=sys.stderr, flush=True)
+
+
+@app.command(epilog="Example: surgery dissect --zoo timm --models 'resnet*,vit_small*' --random-init")
+def dissect(
+    zoo: Annotated[str, typer.Option(help="'timm' (the curated default zoo) or a zoo YAML file.")] = "timm",
+    models: Annotated[str | None, typer.Option(help="Comma-separated timm wildcards, e.g. 'resnet*,vit_s*'.")
+                      ] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (structure-only work).")
+                           ] = False,
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint (safetensors/.pth) for a single model.")
+                       ] = None,
+    input_size: Annotated[int | None, typer.Option(help="Square input size (default: each model's own).")
+                          ] = None,
+    granularity: Annotated[str, typer.Option(help="block | stage | node.")] = "block",
+    structure_only: Annotated[bool, typer.Option("--structure-only",
+                                                 help="Build on the meta device: counts only, no weights.")
+                              ] = False,
+    out: Annotated[Path, typer.Option(help="Workspace folder.")] = Path(DEFAULT_WORKSPACE),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Cut every zoo model into runnable blocks and write the block library to a workspace."""
+    from surgery.library import dissect_zoo
+    from surgery.workspace import Workspace
+    from zoo.entries import resolve_zoo
+
+    if granularity not in ("block", "stage", "node"):
+        fail(f"--granularity must be block, stage or node (got {granularity!r})")
+    entries = resolve_zoo(zoo, models, random_init=random_init, weights=str(weights) if weights else None)
+    ws = Workspace(out)
+    ws.read_index()  # a corrupt index is reported before any work
+    with StepProgress(len(entries), "dissect", quiet=as_json) as progress:
+        results = dissect_zoo(entries, ws, input_size=input_size, granularity=granularity,
+                              structure_only=structure_only, on_model=progress.update)
+    if as_json:
+        print(json.dumps({"workspace": str(out), "models": [r.to_dict() for r in results]}, indent=2))
+    else:
+        table = Table(title=f"block library: {out}")
+        for col in ("model", "cut points", "blocks", "params (M)", "GFLOPs", "status"):
+            table.add_column(col, justify="right" if col not in ("model", "status") else "left")
+        for r in results:
+            status = r.status if r.status != "failed" else f"[red]failed[/]: {r.reason}"
+            table.add_row(r.name, str(r.cut_points), str(r.blocks), fmt_m(r.params), fmt_g(r.macs), status)
+        console.print(table)
+        console.print("GFLOPs = GMACs at batch 1 (1 FLOP = 1 multiply-accumulate, as in timm's cards).")
+    if results and all(r.status == "failed" for r in results):
+        raise typer.Exit(2)
+
+
+@app.command(epilog="Example: surgery inspect surgery-workspace resnet18")
+def inspect(
+    workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
+    model: Annotated[str | None, typer.Argument(help="A model to show block by block.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the block library of a workspace, or one model's blocks."""
+    from surgery.errors import WorkspaceError
+    from surgery.workspace import Workspace
+
+    ws = Workspace(workdir).require()
+    index = ws.read_index()
+    if model is None:
+        if as_json:
+            print(json.dumps(index, indent=2))
+            return
+        table = Table(title=f"block library: {workdir}")
+        for col in ("model", "cut points", "blocks", "params (M)", "GFLOPs", "input"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, s in index["models"].items():
+            size = "x".join(str(v) for v in s["settings"]["input_size"])
+            table.add_row(name, str(s["cut_points"]), str(s["blocks"]), fmt_m(s["params"]), fmt_g(s["macs"]),
+                          size)
+        for name, reason in index["failed"].items():
+            table.add_row(name, "-", "-", "-", "-", f"[red]failed[/]: {reason}")
+        console.print(table)
+        return
+    if model not in index["models"]:
+        raise WorkspaceError(f"{model!r} is not in {workdir} (has: {', '.join(index['models'])})")
+    manifest = ws.read_dissection(model)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    table = Table(title=f"{model}: {len(manifest['blocks'])} blocks, {len(manifest['cut_points'])} cut points")
+    for col in ("#", "from", "to", "params (M)", "GFLOPs", "input", "output", "depth"):
+        table.add_column(col)
+    for b in manifest["blocks"]:
+        table.add_row(str(b["index"]), b["start"] or "(input)", b["end"] or "(output)", fmt_m(b["params"]),
+                      fmt_g(b["macs"]), _spec_text(b["in_spec"]), _spec_text(b["out_spec"]),
+                      f"{b['depth'][0]:.2f}-{b['depth'][1]:.2f}")
+    console.print(table)
+
+
+@app.command(epilog="Example: surgery similarity surgery-workspace --data fashion-mnist --samples 2000")
+def similarity(
+    workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
+    data: Annotated[str, typer.Option(help="Probe data: fashion-mnist, digits, an image folder, IDX files.")
+                    ] = "fashion-mnist",
+    samples: Annotated[int, typer.Option(help="Number of probe images.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (>= 4; 64+ recommended).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the probe draw.")] = 0,
+    prefix: Annotated[str, typer.Option(help="Class tokens when pooling tokens: exclude | include | cls.")
+                      ] = "exclude",
+    estimator: Annotated[str, typer.Option(help="CKA estimator: unbiased | biased.")] = "unbiased",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not keep pooled features on disk.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Compute the CKA similarity of every cut point of every workspace model on probe data."""
+    from surgery.similarity import compute_similarity
+
+    if estimator not in ("unbiased", "biased"):
+        fail(f"--estimator must be unbiased or biased (got {estimator!r})")
+    if prefix not in ("exclude", "include", "cls"):
+        fail(f"--prefix must be exclude, include or cls (got {prefix!r})")
+    with StepProgress(0, "similarity", quiet=as_json) as progress:
+        def on_batch(done: int, total: int) -> None:
+            if progress._progress:
+                progress._progress.update(progress._task, total=total, completed=done,
+                                          description=f"similarity: batch {done}/{total}")
+            elif not as_json and (done == total or done % 5 == 0):
+                print(f"similarity: batch {done}/{total}", file=sys.stderr, flush=True)
+
+        result = compute_similarity(workdir, data, samples=samples, batch_size=batch_size, seed=seed,
+                                    prefix=prefix, estimator=estimator, cache=not no_cache, on_batch=on_batch)
+    summary = {"workspace": str(workdir), **result["settings"],
+               "models": {m: len(result["nodes"][m]) for m in result["models"]}}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"similarity ({result['settings']['estimator']} CKA, {summary['samples']} images of "
+                        f"{data})")
+    table.add_column("model")
+    table.add_column("cut points", justify="right")
+    table.add_column("mean CKA to other models", justify="right")
+    matrix = result["matrix"]
+    for m in result["models"]:
+        lo = result["offsets"][m]
+        hi = lo + len(result["nodes"][m])
+        others = [i for i in range(matrix.shape[0]) if i < lo or i >= hi]
+        mean = float(matrix[lo:hi][:, others].mean()) if others else float("nan")
+        table.add_row(m, str(hi - lo), f"{mean:.3f}")
+    console.print(table)
+
+
+@app.command(epilog="Example: surgery partition surgery-workspace --stages 4")
+def partition(
+    workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
+    stages: Annotated[int, typer.Option(help="K: blocks per model = number of equivalence sets.")] = 4,
+    eps: Annotated[float, typer.Option(help="Balance: each block <= (1+eps) * model MACs / K.")] = 0.2,
+    restarts: Annotated[int, typer.Option(help="Random restarts of the alternation.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the restarts.")] = 0,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG pictures.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Cut every model into K stages so that the k-th blocks of all models are functionally equivalent."""
+    from surgery.equivalence import run_partition
+
+    if stages < 2:
+        fail("--stages must be at least 2")
+    if eps < 0:
+        fail("--eps must be >= 0")
+    result = run_partition(workdir, stages, eps=eps, restarts=restarts, seed=seed, plots=not no_plots)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{stages} equivalence sets (objective {result['objective']:.3f}; random partitions "
+                        f"{result['random_partition_objective']['mean']:.3f})")
+    table.add_column("model")
+    for k in range(stages):
+        table.add_column(f"stage {k} GFLOPs", justify="right")
+    for name, m in result["models"].items():
+        table.add_row(name, *[fmt_g(b["macs"]) for b in m["stage_blocks"]])
+    console.print(table)
+    console.print(f"written: {Path(workdir) / 'partition.json'}" + ("" if no_plots else
+                  f", pictures in {Path(workdir) / 'partition'}/"))
+
+
+@app.command(epilog="Example: surgery reassemble surgery-workspace --max-gflops 10 --data digits --out my-model")
+def reassemble(
+    workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
+    max_gflops: Annotated[float | None, typer.Option(help="MAC budget in GFLOPs (= GMACs), stitches and head included.")
+                          ] = None,
+    max_params: Annotated[float | None, typer.Option(help="Parameter budget in millions.")] = None,
+    data: Annotated[str | None, typer.Option(help="Target data (stitch/head fitting, quality, proxy).")] = None,
+    stages: Annotated[int, typer.Option(help="K, when the workspace has no partition yet.")] = 4,
+    top: Annotated[int, typer.Option(help="Chains solved for and re-ranked by the proxy.")] = 5,
+    proxy: Annotated[str, typer.Option(help="logme | linear | naswot | params.")] = "logme",
+    solver: Annotated[str, typer.Option(help="cbc (bundled) | highs.")] = "cbc",
+    seed: Annotated[int, typer.Option(help="Seed of every random draw.")] = 0,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = Path("reassembled"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Pick one block per equivalence set under budgets, stitch them, rank by a proxy, save the best."""
+    from surgery.reassembly import reassemble as run
+
+    if proxy not in ("logme", "linear", "naswot", "params"):
+        fail(f"--proxy must be logme, linear, naswot or params (got {proxy!r})")
+    if top < 1:
+        fail("--top must be at least 1")
+    log = (lambda msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False))
+    result = run(workdir, max_gflops=max_gflops, max_params_m=max_params, data=data, stages=stages, top=top,
+                 proxy=proxy, solver=solver, seed=seed, out_dir=out, log=log)
+    if as_json:
+        print(json.dumps({"out": str(out), "timings": result.timings,
+                          "ranked": [r.summary() for r in result.ranked], "zoo": result.zoo_points}, indent=2))
+        return
+    best = result.ranked[0]
+    table = Table(title=f"chosen chain (proxy {proxy} = {best.proxy:.4f})")
+    for col in ("stage", "source model", "block", "params (M)", "GFLOPs"):
+        table.add_column(col)
+    for k, plan in enumerate(best.stages):
+        p, m = best.stage_costs[k]
+        table.add_row(str(k), plan.model, f"{plan.start or '(input)'} -> {plan.end or '(pre-logits)'}", fmt_m(p),
+                      fmt_g(m))
+    table.add_row("total (stitches, head)", "", "", fmt_m(best.params), fmt_g(best.macs))
+    console.print(table)
+    if len(result.ranked) > 1:
+        runners = Table(title="runners-up")
+        for col in ("rank", "models", "params (M)", "GFLOPs", "proxy", "program objective"):
+            runners.add_column(col)
+        for i, r in enumerate(result.ranked[1:], start=2):
+            runners.add_row(str(i), " > ".join(s.model for s in r.stages), fmt_m(r.params), fmt_g(r.macs),
+                            f"{r.proxy:.4f}", f"{r.objective:.3f}")
+        console.print(runners)
+    console.print(f"written: {out}/ (config.json, model.safetensors, README.md, pareto.png)")
+
+
+def _spec_text(spec: dict) -> str:
+    grid = "x".join(str(g) for g in spec["grid"]) if spec.get("grid") else ""
+    text = f"{spec['layout']} {spec['channels']}"
+    if grid:
+        text += f" @{grid}"
+    if spec.get("prefix_tokens"):
+        text += f" +{spec['prefix_tokens']}cls"
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()
+        err_console.print(f"[bold red]error:[/] {msg[0] if msg else type(e).__name__}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
