@@ -1,0 +1,202 @@
+"""Cut-point similarity of a zoo: the step behind ``surgery similarity``.
+
+For a probe set (``--data``), every model of the workspace runs once per batch through a feature
+extractor that pools the outputs of all its candidate cut points (:mod:`surgery.features`); the
+pooled features of all models for that batch go into one streaming all-pairs unbiased CKA
+accumulator (:class:`surgery.cka.StreamingCKA`). Memory does not grow with the number of probe
+samples: nothing but the current batch's features is held.
+
+Pooled features are cached per model and batch under ``WORKDIR/features/<model>/`` (safetensors
+shards keyed by the probe settings), so adding one model to a zoo does not recompute the others.
+
+Outputs: ``WORKDIR/similarity/similarity.json`` (settings, models, cut-point names and their offsets
+in the matrix) and ``WORKDIR/similarity/cka.safetensors`` (the P x P matrix over all cut points).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgery.cka import StreamingCKA
+from surgery.errors import WorkspaceError
+from surgery.features import feature_extractor
+from surgery.library import load_model_entry
+from surgery.spec import TensorSpec
+from surgery.workspace import Workspace, load_tensors, read_json, save_tensors, write_json
+
+SIMILARITY_SCHEMA = "surgery.similarity/1"
+
+
+def probe_images(data: str, samples: int, seed: int) -> torch.Tensor:
+    """The probe set: ``samples`` images of the data source's training split, seeded, as stored."""
+    from zoo.data import load_split
+
+    ds = load_split(data, "train", seed=seed)
+    n = len(ds.labels)
+    take = min(samples, n)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[:take].sort().values
+    # in-memory sources keep their native size (each model resizes per batch); folders of images of
+    # mixed sizes are fitted once to 224x224 so they stack into one tensor
+    return ds.gather(idx, size=None if ds.images is not None else (224, 224))
+
+
+class _ModelFeatures:
+    """One model's extractor, transform and feature cache."""
+
+    def __init__(self, ws: Workspace, name: str, settings: dict[str, Any], cache: bool, device):
+        from surgery.dissection import dissect
+        from zoo.data import make_transform
+
+        entry, manifest, model = load_model_entry(ws, name)
+        self.name = name
+        self.nodes = list(manifest["boundaries"])
+        cut_specs = {c["name"]: TensorSpec.from_dict(c["spec"]) for c in manifest["cut_points"]}
+        self.specs = [cut_specs[n] for n in self.nodes]
+        size = tuple(manifest["settings"]["input_size"])
+        cfg = manifest.get("data_config", {})
+        self.transform = make_transform(size, cfg.get("mean"), cfg.get("std"))
+        self.key = {**settings, "nodes": self.nodes, "input_size": list(size),
+                    "weights_fingerprint": manifest.get("weights_fingerprint")}
+        self.cache_dir = ws.root / "features" / ws.model_dir(name).name
+        self.cache = cache
+        self.cached = cache and self._cache_valid()
+        self.extractor = None
+        self.device = device
+        if not self.cached:
+            d = dissect(model, size, name=name, granularity=manifest["settings"]["granularity"])
+            self.extractor = feature_extractor(d.graph_module, self.nodes, self.specs,
+                                               prefix=settings["prefix"]).to(device)
+            if cache:
+                if self.cache_dir.exists():
+                    shutil.rmtree(self.cache_dir)
+                self.cache_dir.mkdir(parents=True)
+
+    def _cache_valid(self) -> bool:
+        meta = self.cache_dir / "meta.json"
+        if not meta.exists():
+            return False
+        try:
+            got = read_json(meta)
+        except WorkspaceError:
+            return False
+        return got.get("key") == self.key and got.get("complete") is True
+
+    def features(self, batch_index: int, images: torch.Tensor) -> list[torch.Tensor]:
+        shard = self.cache_dir / f"batch_{batch_index:05d}.safetensors"
+        if self.cached:
+            t = load_tensors(shard)
+            return [t[f"f{i}"] for i in range(len(self.nodes))]
+        with torch.inference_mode():
+            x = self.transform(images).to(self.device)
+            feats = [f.float().cpu() for f in self.extractor(x)]
+        if self.cache:
+            save_tensors(shard, {f"f{i}": f for i, f in enumerate(feats)})
+        return feats
+
+    def finish(self, n_batches: int) -> None:
+        if self.cache and not self.cached:
+            write_json(self.cache_dir / "meta.json", {"key": self.key, "complete": True, "batches": n_batches})
+
+
+def compute_similarity(
+    workdir: str | Path,
+    data: str = "fashion-mnist",
+    *,
+    samples: int = 2000,
+    batch_size: int = 100,
+    seed: int = 0,
+    prefix: str = "exclude",
+    estimator: str = "unbiased",
+    cache: bool = True,
+    device: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Compute the CKA similarity of all cut points of all workspace models on a probe set.
+
+    Args:
+        workdir: a workspace with a dissected zoo.
+        data: probe data source (see :mod:`zoo.data`), e.g. ``fashion-mnist`` or ``digits``.
+        samples: number of probe images.
+        batch_size: images per batch (the unbiased estimator needs at least 4; 64+ is better).
+        seed: which probe images are drawn.
+        prefix: class-token treatment when pooling tokens (see :func:`surgery.features.pool_tensor`).
+        estimator: ``"unbiased"`` (default) or ``"biased"`` CKA.
+        cache: keep per-model pooled features on disk for later runs.
+        device: torch device (default: CUDA when present, else CPU).
+        on_batch: progress callback ``(done, total)``.
+
+    Returns:
+        The similarity manifest (also written to ``WORKDIR/similarity/``), with the matrix attached.
+    """
+    ws = Workspace(workdir).require()
+    if batch_size < 4:
+        raise WorkspaceError("--batch-size must be at least 4 for the unbiased CKA estimator")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    images = probe_images(data, samples, seed)
+    settings = {"data": data, "samples": int(images.shape[0]), "seed": seed, "batch_size": batch_size,
+                "prefix": prefix}
+    names = ws.model_names()
+    models = [_ModelFeatures(ws, n, settings, cache, device) for n in names]
+    # a last batch smaller than 4 cannot feed the unbiased estimator: fold it into the previous one
+    bounds = list(range(0, images.shape[0], batch_size)) + [images.shape[0]]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 4:
+        bounds.pop(-2)
+    acc = StreamingCKA(estimator=estimator)
+    n_batches = len(bounds) - 1
+    for b in range(n_batches):
+        chunk = images[bounds[b]:bounds[b + 1]]
+        feats: list[torch.Tensor] = []
+        for m in models:
+            feats.extend(m.features(b, chunk))
+        acc.update(feats)
+        if on_batch:
+            on_batch(b + 1, n_batches)
+    for m in models:
+        m.finish(n_batches)
+    matrix = acc.compute()
+    offsets, pos = {}, 0
+    for m in models:
+        offsets[m.name] = pos
+        pos += len(m.nodes)
+    manifest = {
+        "schema": SIMILARITY_SCHEMA,
+        "settings": {**settings, "estimator": estimator},
+        "models": names,
+        "nodes": {m.name: m.nodes for m in models},
+        "offsets": offsets,
+    }
+    out = ws.root / "similarity"
+    save_tensors(out / "cka.safetensors", {"cka": torch.from_numpy(np.ascontiguousarray(matrix))})
+    write_json(out / "similarity.json", manifest)
+    return {**manifest, "matrix": matrix}
+
+
+def read_similarity(ws: Workspace) -> dict[str, Any]:
+    """The workspace's similarity manifest with its matrix (``"matrix"``: numpy float64, P x P)."""
+    path = ws.root / "similarity" / "similarity.json"
+    if not path.exists():
+        raise WorkspaceError(f"no similarity in {ws.root}: run 'surgery similarity {ws.root}' first")
+    manifest = read_json(path, what="similarity manifest")
+    if not isinstance(manifest, dict) or manifest.get("schema") != SIMILARITY_SCHEMA:
+        raise WorkspaceError(f"{path} is not a {SIMILARITY_SCHEMA} manifest")
+    matrix = load_tensors(ws.root / "similarity" / "cka.safetensors")["cka"].double().numpy()
+    total = sum(len(v) for v in manifest["nodes"].values())
+    if matrix.shape != (total, total):
+        raise WorkspaceError(f"{path}: matrix shape {matrix.shape} does not match {total} cut points")
+    return {**manifest, "matrix": matrix}
+
+
+def cut_similarity(sim: dict[str, Any], a: tuple[str, str | None], b: tuple[str, str | None]) -> float:
+    """CKA between two cut points ``(model, node)``; ``node=None`` (a model input) counts as 1."""
+    if a[1] is None or b[1] is None:
+        return 1.0 if a[1] is None and b[1] is None else 0.0
+    ia = sim["offsets"][a[0]] + sim["nodes"][a[0]].index(a[1])
+    ib = sim["offsets"][b[0]] + sim["nodes"][b[0]].index(b[1])
+    return float(sim["matrix"][ia, ib])
