@@ -1,0 +1,218 @@
+"""A reassembled network: blocks of several models, stitches between them, a new head.
+
+The model is an ordinary ``nn.Module`` (``torch.export`` accepts it). It is saved as a folder:
+
+* ``config.json``: the recipe (schema ``surgery.reassembled/1``): for each stage its source zoo entry
+  and the cut nodes that delimit its block, the stitch specs between stages, the head, the input
+  size and normalisation;
+* ``model.safetensors``: every weight the model needs (so the zoo's checkpoints are not needed);
+* ``README.md``: a short model card.
+
+:func:`load` rebuilds each block from its recipe (the architecture with random weights, re-traced and
+cut at the same nodes), then loads ``model.safetensors``: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.errors import WorkspaceError
+from surgery.spec import TensorSpec
+from surgery.stitch import Head, Stitch, make_head, make_stitch, token_context_from_timm
+from surgery.workspace import load_tensors, read_json, save_tensors, write_json
+from zoo.entries import ZooEntry, build_model
+
+RECIPE_SCHEMA = "surgery.reassembled/1"
+ROLE_ATTR = "_surgery_role"  # read by surgery.train for freeze="blocks"
+
+
+@dataclass
+class StagePlan:
+    """Where one stage's block comes from: a model and the two cut nodes around it."""
+
+    model: str
+    entry: dict[str, Any]
+    start: str | None
+    end: str | None
+    input_size: tuple[int, int, int]
+    granularity: str
+    in_spec: TensorSpec
+    out_spec: TensorSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "entry": self.entry, "start": self.start, "end": self.end,
+                "input_size": list(self.input_size), "granularity": self.granularity,
+                "in_spec": self.in_spec.to_dict(), "out_spec": self.out_spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StagePlan:
+        return cls(d["model"], d["entry"], d.get("start"), d.get("end"), tuple(d["input_size"]),
+                   d.get("granularity", "block"), TensorSpec.from_dict(d["in_spec"]),
+                   TensorSpec.from_dict(d["out_spec"]))
+
+
+def needs_token_context(out_spec: TensorSpec, in_spec: TensorSpec) -> bool:
+    """A receiving token block whose prefix tokens the donor does not carry gets them from its model."""
+    if in_spec.layout != "NLC" or in_spec.prefix_tokens == 0:
+        return False
+    return not (out_spec.layout == "NLC" and out_spec.prefix_tokens == in_spec.prefix_tokens)
+
+
+def headless(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose output is its pre-logits features (timm's ``reset_classifier(0)``)."""
+    if not hasattr(model, "reset_classifier"):
+        raise WorkspaceError(
+            f"{type(model).__name__} has no reset_classifier(); only timm-style models can end a reassembled chain"
+        )
+    m = copy.deepcopy(model)
+    m.reset_classifier(0)
+    return m.eval()
+
+
+def cut_segment(model: nn.Module, plan: StagePlan, *, last: bool) -> tuple[nn.Module, TensorSpec]:
+    """The block of ``model`` between ``plan.start`` and ``plan.end`` (to the pre-logits for the last stage).
+
+    Returns the block and the spec of its output (for the last stage: the pooled feature vector).
+    """
+    from surgery.dissection import dissect
+
+    src = headless(model) if last else model
+    d = dissect(src, plan.input_size, name=plan.model, granularity=plan.granularity)
+    cuts = [c for c in (plan.start, None if last else plan.end) if c is not None]
+    blocks = d.split(cuts)
+    block = blocks[1] if plan.start is not None else blocks[0]
+    out_spec = d.output_spec if last else plan.out_spec
+    return block, out_spec
+
+
+class ReassembledModel(nn.Module):
+    """Blocks of several models chained with stitches, ending in a new classification head.
+
+    ``parts`` alternate blocks and stitches (a stitch only where consecutive blocks come from
+    different models). Each part carries a role attribute (``block``/``stitch``/``head``) so that the
+    training loop can freeze the pretrained blocks (DeRy's FZ mode).
+    """
+
+    def __init__(self, parts: list[nn.Module], roles: list[str], head: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        for part, role in zip(self.parts, roles, strict=True):
+            setattr(part, ROLE_ATTR, role)
+        self.roles = list(roles)
+        self.head = head
+        setattr(self.head, ROLE_ATTR, "head")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain without the head: pre-logits features."""
+        for part in self.parts:
+            x = part(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def build_parts(models: dict[str, nn.Module], stages: list[StagePlan], stitch_project: list[bool | None]
+                ) -> tuple[list[nn.Module], list[str], TensorSpec]:
+    """Cut the blocks of a chain and make (unfitted) stitches between blocks of different models.
+
+    Args:
+        models: source models by name (real weights, or random ones when rebuilding before a load).
+        stages: the chain.
+        stitch_project: per junction, the ``project`` argument of the stitch (``None``: no stitch).
+
+    Returns:
+        ``(parts, roles, feature_spec)``.
+    """
+    parts: list[nn.Module] = []
+    roles: list[str] = []
+    feature_spec = stages[-1].out_spec
+    for k, plan in enumerate(stages):
+        last = k == len(stages) - 1
+        block, out_spec = cut_segment(models[plan.model], plan, last=last)
+        if k > 0 and stitch_project[k - 1] is not None:
+            prev = stages[k - 1]
+            ctx = (token_context_from_timm(models[plan.model])
+                   if needs_token_context(prev.out_spec, plan.in_spec) else None)
+            parts.append(make_stitch(prev.out_spec, plan.in_spec, token_context=ctx,
+                                     project=stitch_project[k - 1]))
+            roles.append("stitch")
+        parts.append(block)
+        roles.append("block")
+        if last:
+            feature_spec = out_spec
+    return parts, roles, feature_spec
+
+
+def save(model: ReassembledModel, out_dir: str | os.PathLike, recipe: dict[str, Any], card: str) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` (each atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "schema": RECIPE_SCHEMA})
+    write_json(out / "config.json", {"schema": RECIPE_SCHEMA, **recipe})
+    tmp = out / "README.md.tmp"
+    tmp.write_text(card)
+    os.replace(tmp, out / "README.md")
+    return out
+
+
+def read_recipe(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The recipe of a saved reassembled model (one-line error when missing or foreign)."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise WorkspaceError(f"no reassembled model in {model_dir} (config.json missing)")
+    recipe = read_json(path, what="model config")
+    if not isinstance(recipe, dict) or recipe.get("schema") != RECIPE_SCHEMA:
+        raise WorkspaceError(f"{path} is not a {RECIPE_SCHEMA} config")
+    return recipe
+
+
+def rebuild(recipe: dict[str, Any]) -> ReassembledModel:
+    """The architecture of a recipe with random weights (load the weights afterwards)."""
+    stages = [StagePlan.from_dict(s) for s in recipe["stages"]]
+    models: dict[str, nn.Module] = {}
+    for plan in stages:
+        if plan.model in models:
+            continue
+        entry = ZooEntry.model_validate(plan.entry)
+        if entry.module_class is not None:
+            raise WorkspaceError(f"{plan.model} came from a Python module; rebuild it with surgery.assembled.rebuild "
+                                 "after registering it as a timm model")
+        # The architecture only: every weight comes from model.safetensors.
+        arch = entry.model_copy(update={"weights": None, "pretrained_tag": None, "random_init": True})
+        models[plan.model] = build_model(arch)
+    parts, roles, feature_spec = build_parts(models, stages, recipe["stitch_project"])
+    head = make_head(feature_spec, int(recipe["num_classes"]))
+    return ReassembledModel(parts, roles, head)
+
+
+def load(model_dir: str | os.PathLike) -> ReassembledModel:
+    """Load a reassembled model saved by ``surgery reassemble`` (no unpickling, no zoo checkpoints).
+
+    Args:
+        model_dir: the folder holding ``config.json`` and ``model.safetensors``.
+
+    Returns:
+        The model in eval mode, with ``model.recipe`` attached.
+    """
+    recipe = read_recipe(model_dir)
+    model = rebuild(recipe)
+    state = load_tensors(Path(model_dir) / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WorkspaceError(f"{model_dir}: model.safetensors does not match config.json "
+                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.recipe = recipe
+    return model.eval()
+
+
+__all__ = ["ReassembledModel", "StagePlan", "Head", "Stitch", "build_parts", "load", "save", "rebuild",
+           "read_recipe", "needs_token_context", "headless"]
