@@ -98,12 +98,12 @@ def dissect(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Cut every zoo model into runnable blocks and write the block library to a workspace."""
+    if granularity not in ("block", "stage", "node"):
+        fail(f"--granularity must be block, stage or node (got {granularity!r})")
     from surgery.library import dissect_zoo
     from surgery.workspace import Workspace
     from zoo.entries import resolve_zoo
 
-    if granularity not in ("block", "stage", "node"):
-        fail(f"--granularity must be block, stage or node (got {granularity!r})")
     entries = resolve_zoo(zoo, models, random_init=random_init, weights=str(weights) if weights else None)
     ws = Workspace(out)
     ws.read_index()  # a corrupt index is reported before any work
@@ -302,6 +302,96 @@ def reassemble(
     console.print(f"written: {out}/ (config.json, model.safetensors, README.md, pareto.png)")
 
 
+@app.command(epilog="Example: surgery finetune reassembled --data digits --epochs 10 --freeze none")
+def finetune(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble'.")],
+    data: Annotated[str, typer.Option(help="Target data (same classes as the model's head).")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 1e-3,
+    freeze: Annotated[str, typer.Option(help="none (DeRy FT) | blocks (DeRy FZ: stitches and head only).")
+                      ] = "none",
+    ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and save it.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and splits.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from MODEL_DIR/finetune.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Fine-tune a reassembled model on target data; the weights in MODEL_DIR are replaced when done."""
+    from surgery.finetune import finetune_model_dir
+
+    if freeze not in ("none", "blocks"):
+        fail(f"--freeze must be none or blocks (got {freeze!r})")
+    if epochs < 1:
+        fail("--epochs must be at least 1")
+    summary = finetune_model_dir(model_dir, data, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
+                                 ema=ema, seed=seed, resume=resume, quiet=as_json)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"fine-tuned {model_dir} on {data} for {epochs} epochs (freeze={freeze}): "
+                  f"best val top-1 {summary['best_val_acc']:.4f}, held-out test top-1 {summary['test_top1']:.4f}")
+
+
+@app.command(epilog="Example: surgery evaluate reassembled --data digits")
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble'.")],
+    data: Annotated[str, typer.Option(help="Data to evaluate on.")],
+    split: Annotated[str, typer.Option(help="test | val | train.")] = "test",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Top-1, loss, params, GFLOPs and images/s of a saved model."""
+    from surgery.finetune import evaluate_model_dir
+
+    if split not in ("test", "val", "train"):
+        fail(f"--split must be test, val or train (got {split!r})")
+    out = evaluate_model_dir(model_dir, data, split=split, batch_size=batch_size, seed=seed)
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"{model_dir} on {data} ({split})")
+    for col in ("top-1", "loss", "params (M)", "GFLOPs", "images/s"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{out['top1']:.4f}", f"{out['loss']:.4f}", fmt_m(out["params"]), fmt_g(out["macs"]),
+                  f"{out['images_per_s']:.0f}")
+    console.print(table)
+
+
+zoo_app = typer.Typer(help="Model zoos: build the small pretrained mini-zoo.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build-mini", epilog="Example: surgery zoo build-mini --out ./mini-zoo")
+def zoo_build_mini(
+    out: Annotated[Path | None, typer.Option(help="Folder (default: the XDG cache, ~/.cache/surgery/mini-zoo).")
+                   ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Train the small heterogeneous zoo of really pretrained models (Fashion-MNIST source tasks)."""
+    from surgery.minizoo import build_mini_zoo
+
+    path = build_mini_zoo(out, force=force, quiet=as_json)
+    if as_json:
+        print(json.dumps({"zoo": str(path)}))
+        return
+    console.print(f"mini-zoo: {path} (model cards in {path.parent / 'README.md'})")
+    console.print(f"next: surgery dissect --zoo {path}")
+
+
+@app.command(epilog="Example: surgery demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Demo folder (workspace and models).")] = Path("surgery-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A much smaller run (smoke test).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The whole pipeline on the mini-zoo: reassemble for an unseen task, compare with the best single model."""
+    from surgery.demo import run_demo
+
+    run_demo(out, quick=quick, as_json=as_json, console=console)
+
+
 def _spec_text(spec: dict) -> str:
     grid = "x".join(str(g) for g in spec["grid"]) if spec.get("grid") else ""
     text = f"{spec['layout']} {spec['channels']}"
@@ -315,7 +405,9 @@ def _spec_text(spec: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns the code of typer.Exit instead of raising it
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except USER_ERRORS as e:

@@ -123,6 +123,85 @@ def _classifier_cost(model: nn.Module, input_size, num_classes: int) -> tuple[in
     return old_p, old_m, new_p, new_m
 
 
+@dataclass
+class Sources:
+    """Everything reassembly needs from the workspace, loaded once: models, cuts, target images."""
+
+    names: list[str]
+    manifests: dict[str, dict[str, Any]]
+    models: dict[str, nn.Module]
+    dissections: dict[str, Any]
+    plans: list[dict[str, StagePlan]]  # per stage: model name -> its block of that equivalence set
+    labels: torch.Tensor
+    classes: list[str]
+    inputs: dict[str, torch.Tensor]  # target images transformed for each model
+    quality: dict[str, float]
+
+
+def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, target_samples: int, *,
+                 with_quality: bool = True, names: list[str] | None = None) -> Sources:
+    """Load the partition's source models (real weights) once, with their stage plans and target inputs."""
+    from surgery.dissection import dissect
+
+    names = names or list(part["models"])
+    images, labels, classes = _target_batches(target, seed, target_samples)
+    models, dissections, manifests = {}, {}, {}
+    for n in names:
+        _, manifest, model = load_model_entry(ws, n)
+        manifests[n] = manifest
+        models[n] = model
+        dissections[n] = dissect(model, tuple(manifest["settings"]["input_size"]), name=n,
+                                 granularity=manifest["settings"]["granularity"])
+    inputs = {n: _transform(manifests[n])(images) for n in names}
+    plans = []
+    for k in range(part["stages"]):
+        by_model = {}
+        for member in part["sets"][k]["members"]:
+            n = member["model"]
+            if n not in manifests:
+                continue
+            settings = manifests[n]["settings"]
+            by_model[n] = StagePlan(n, manifests[n]["entry"], member["start"], member["end"],
+                                    tuple(settings["input_size"]), settings["granularity"],
+                                    TensorSpec.from_dict(member["in_spec"]), TensorSpec.from_dict(member["out_spec"]))
+        plans.append(by_model)
+    # block quality: transferability of each source model to the target (LogME of pre-logits features)
+    quality = {n: 0.0 for n in names}
+    if with_quality:
+        raw = {}
+        for n in names:
+            with torch.inference_mode():
+                feats = headless(models[n])(inputs[n])
+            raw[n] = logme(feats.flatten(1), labels)
+        lo, hi = min(raw.values()), max(raw.values())
+        quality = {n: (raw[n] - lo) / (hi - lo) if hi > lo else 0.0 for n in names}
+    return Sources(names, manifests, models, dissections, plans, labels, classes, inputs, quality)
+
+
+def single_model(workdir: str | Path, name: str, data: str, *, seed: int = 0, target_samples: int = 256,
+                 proxy: str = "logme", out_dir: str | Path | None = None) -> Ranked:
+    """One zoo model with a new head for ``data``, built like a reassembled chain (the honest baseline).
+
+    It goes through the same code as a reassembled model (its K stage blocks chained, no stitches,
+    head fitted in closed form), so both are saved, loaded and fine-tuned the same way.
+    """
+    ws = Workspace(workdir).require()
+    part = read_partition(ws)
+    if name not in part["models"]:
+        raise WorkspaceError(f"{name!r} is not in the partition of {ws.root}")
+    src = load_sources(ws, part, data, seed, target_samples, with_quality=False, names=[name])
+    chain = [src.plans[k][name] for k in range(part["stages"])]
+    model = build_chain(src.models, src.dissections, chain, src.inputs, src.labels, len(src.classes))
+    x = src.inputs[name]
+    score = score_candidate(model, [x], src.labels, proxy=proxy, feature_fn=lambda m, xb: m.forward_features(xb))
+    size = src.manifests[name]["settings"]["input_size"]
+    ranked = Ranked(None, chain, count_params(model), count_macs(model, torch.zeros(1, *size)), float(score),
+                    0.0, model)
+    if out_dir is not None:
+        save_ranked(ranked, ws, Path(out_dir), data, src.classes, None, None, proxy, seed)
+    return ranked
+
+
 def reassemble(
     workdir: str | Path,
     *,
@@ -177,41 +256,20 @@ def reassemble(
         part = run_partition(ws.root, stages, seed=seed)
     timings["prepare"] = time.perf_counter() - t0
 
-    names = list(part["models"])
     target = data or sim["settings"]["data"]
-    images, labels, classes = _target_batches(target, seed, target_samples)
-    num_classes = len(classes)
-
-    # source models (real weights) and their dissections, built once
     t0 = time.perf_counter()
-    from surgery.dissection import dissect
-
-    models, dissections, manifests = {}, {}, {}
-    for n in names:
-        _, manifest, model = load_model_entry(ws, n)
-        manifests[n] = manifest
-        models[n] = model
-        dissections[n] = dissect(model, tuple(manifest["settings"]["input_size"]), name=n,
-                                 granularity=manifest["settings"]["granularity"])
-    inputs = {n: _transform(manifests[n])(images) for n in names}
-
-    # block quality: transferability of each source model to the target (LogME of pre-logits features)
-    quality = {n: 0.0 for n in names}
-    if data is not None:
-        raw = {}
-        for n in names:
-            with torch.inference_mode():
-                feats = headless(models[n])(inputs[n])
-            raw[n] = logme(feats.flatten(1), labels)
-        lo, hi = min(raw.values()), max(raw.values())
-        quality = {n: (raw[n] - lo) / (hi - lo) if hi > lo else 0.0 for n in names}
+    src = load_sources(ws, part, target, seed, target_samples, with_quality=data is not None)
+    names, models, dissections, manifests = src.names, src.models, src.dissections, src.manifests
+    inputs, labels, classes, quality, plans = src.inputs, src.labels, src.classes, src.quality, src.plans
+    num_classes = len(classes)
+    timings["load_sources"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
 
     # candidates per stage and pair data
     K = part["stages"]
     stage_cands: list[list[Candidate]] = []
-    plans: list[dict[str, StagePlan]] = []
     for k in range(K):
-        cands, by_model = [], {}
+        cands = []
         for member in part["sets"][k]["members"]:
             n = member["model"]
             params, macs = member["params"], member["macs"]
@@ -219,12 +277,7 @@ def reassemble(
                 op, om, np_, nm = _classifier_cost(models[n], manifests[n]["settings"]["input_size"], num_classes)
                 params, macs = params - op + np_, macs - om + nm
             cands.append(Candidate(id=n, model=n, params=int(params), macs=int(macs), quality=quality[n] / K))
-            by_model[n] = StagePlan(n, manifests[n]["entry"], member["start"], member["end"],
-                                    tuple(manifests[n]["settings"]["input_size"]),
-                                    manifests[n]["settings"]["granularity"],
-                                    TensorSpec.from_dict(member["in_spec"]), TensorSpec.from_dict(member["out_spec"]))
         stage_cands.append(cands)
-        plans.append(by_model)
     pairs: list[StagePairs] = []
     for k in range(K - 1):
         a_list, b_list = stage_cands[k], stage_cands[k + 1]
@@ -290,7 +343,8 @@ def reassemble(
                            "proxy": float(_proxy_on_features(proxy, feats, labels, models[n]))})
     result = ReassembleResult(ranked, best.model, Path(out_dir) if out_dir else None, timings, zoo_points)
     if out_dir is not None:
-        write_model_folder(result, ws, target, classes, max_gflops, max_params_m, proxy, seed)
+        save_ranked(best, ws, Path(out_dir), target, classes, max_gflops, max_params_m, proxy, seed)
+        write_pareto(result, Path(out_dir) / "pareto.png", proxy)
     return result
 
 
@@ -341,10 +395,9 @@ def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain
     return model.eval()
 
 
-def write_model_folder(result: ReassembleResult, ws: Workspace, target: str, classes: list[str],
-                       max_gflops, max_params_m, proxy: str, seed: int) -> Path:
-    """Save the best model with its recipe, model card and a Pareto picture."""
-    best = result.ranked[0]
+def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes: list[str],
+                max_gflops, max_params_m, proxy: str, seed: int) -> Path:
+    """Save a built chain as a model folder: recipe, weights and model card."""
     first = best.stages[0]
     manifest = ws.read_dissection(first.model)
     cfg = manifest.get("data_config", {})
@@ -378,9 +431,7 @@ def write_model_folder(result: ReassembleResult, ws: Workspace, target: str, cla
             f"- budget: max GFLOPs {max_gflops}, max params (M) {max_params_m}\n"
             f"- proxy ({proxy}): {best.proxy:.4f}\n\n"
             "Load with `surgery.load(folder)`; all weights are in `model.safetensors`.\n")
-    out = save(best.model, result.out_dir, recipe, card)
-    write_pareto(result, out / "pareto.png", proxy)
-    return out
+    return save(best.model, out_dir, recipe, card)
 
 
 def write_pareto(result: ReassembleResult, path: Path, proxy: str) -> None:

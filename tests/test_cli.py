@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import torch
+from helpers import TINY_ZOO, run_cli
 
 import surgery
 from surgery.workspace import Workspace
 
-from .conftest import TINY_ZOO, run_cli
-
 
 def test_help_lists_commands():
     res = run_cli("--help")
-    for cmd in ("dissect", "inspect", "similarity", "partition"):
+    for cmd in ("dissect", "inspect", "similarity", "partition", "reassemble", "finetune", "evaluate", "zoo", "demo"):
         assert cmd in res.stdout
 
 

@@ -1,0 +1,92 @@
+"""Fine-tune and evaluate a saved reassembled model folder: ``surgery finetune`` / ``surgery evaluate``.
+
+Both read the model's recipe (``config.json``) for its input size and normalisation, so the target
+data is presented exactly as the model's first block expects it. Fine-tuning goes through the one
+training loop (:func:`surgery.train.train`); checkpoints live in ``MODEL_DIR/finetune/`` (``--resume``
+continues from there), and the fine-tuned weights replace ``model.safetensors`` atomically only
+when training completes, so an interrupted run never damages the saved model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.assembled import load, read_recipe
+from surgery.count import count_macs, count_params
+from surgery.train import TrainConfig, evaluate, train
+from surgery.workspace import read_json, save_tensors, write_json
+
+
+def _loaders(recipe: dict[str, Any], data: str, batch_size: int, seed: int, val_fraction: float = 0.1):
+    from zoo.data import load_splits, make_loader, make_transform
+
+    splits = load_splits(data, seed=seed, val_fraction=val_fraction)
+    n_classes = len(splits["train"].classes)
+    if n_classes != recipe["num_classes"]:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(f"{data} has {n_classes} classes but the model's head has {recipe['num_classes']}; "
+                           "reassemble with --data on this target")
+    tf = make_transform(tuple(recipe["input_size"]), recipe.get("mean"), recipe.get("std"))
+    return (make_loader(splits["train"], batch_size, shuffle=True, seed=seed, transform=tf),
+            make_loader(splits["val"], batch_size, transform=tf),
+            make_loader(splits["test"], batch_size, transform=tf))
+
+
+def finetune_model_dir(model_dir: str | Path, data: str, *, epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
+                       freeze: str = "none", seed: int = 0, resume: bool = False, quiet: bool = False,
+                       **config: Any) -> dict[str, Any]:
+    """Fine-tune a saved reassembled model on ``data`` and write the result back into the folder.
+
+    Args:
+        model_dir: folder written by ``surgery reassemble``.
+        data: target data source (its classes must match the model's head).
+        epochs, batch_size, lr, seed: training recipe (see :class:`surgery.train.TrainConfig`).
+        freeze: ``"none"`` (DeRy FT) or ``"blocks"`` (DeRy FZ: only stitches and head train).
+        resume: continue an interrupted fine-tuning from ``MODEL_DIR/finetune``.
+        quiet: no progress output.
+        **config: other :class:`~surgery.train.TrainConfig` fields.
+
+    Returns:
+        A summary: history, best and last validation accuracy, held-out test accuracy.
+    """
+    model_dir = Path(model_dir)
+    recipe = read_recipe(model_dir)
+    model = load(model_dir)
+    train_loader, val_loader, test_loader = _loaders(recipe, data, batch_size, seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze, seed=seed, **config)
+    result = train(model, train_loader, val_loader, cfg, out_dir=model_dir / "finetune", resume=resume, quiet=quiet)
+    final = result.ema_model if result.ema_model is not None else model
+    test = evaluate(final, test_loader)
+    save_tensors(model_dir / "model.safetensors", final.state_dict(), metadata={"format": "pt"})
+    summary = {"data": data, "epochs": epochs, "freeze": freeze, "lr": lr, "batch_size": batch_size, "seed": seed,
+               "best_val_acc": result.best_val_acc, "last_val_acc": result.last_val_acc,
+               "test_top1": test["top1"], "test_loss": test["loss"], "history": result.history}
+    write_json(model_dir / "finetune.json", summary)
+    return summary
+
+
+def evaluate_model_dir(model_dir: str | Path, data: str, *, split: str = "test", batch_size: int = 128,
+                       seed: int = 0) -> dict[str, Any]:
+    """Top-1, loss, params, GFLOPs and images/s of a saved model on a split of ``data``."""
+    from zoo.data import load_split, make_loader, make_transform
+
+    model_dir = Path(model_dir)
+    recipe = read_recipe(model_dir)
+    model = load(model_dir)
+    ds = load_split(data, split, seed=seed)
+    tf = make_transform(tuple(recipe["input_size"]), recipe.get("mean"), recipe.get("std"))
+    t0 = time.perf_counter()
+    metrics = evaluate(model, make_loader(ds, batch_size, transform=tf))
+    seconds = time.perf_counter() - t0
+    macs = count_macs(model, torch.zeros(1, *recipe["input_size"]))
+    out = {"model": str(model_dir), "data": data, "split": split, **metrics, "params": count_params(model),
+           "macs": macs, "seconds": seconds}
+    ft = model_dir / "finetune.json"
+    if ft.exists():
+        out["finetuned"] = {k: v for k, v in read_json(ft).items() if k != "history"}
+    return out
