@@ -100,6 +100,8 @@ def dissect(
     """Cut every zoo model into runnable blocks and write the block library to a workspace."""
     if granularity not in ("block", "stage", "node"):
         fail(f"--granularity must be block, stage or node (got {granularity!r})")
+    if not random_init and not structure_only:
+        _offline_guard()
     from surgery.library import dissect_zoo
     from surgery.workspace import Workspace
     from zoo.entries import resolve_zoo
@@ -390,6 +392,24 @@ def demo(
     from surgery.demo import run_demo
 
     run_demo(out, quick=quick, as_json=as_json, console=console)
+
+
+def _offline_guard(host: str = "huggingface.co", timeout: float = 2.0) -> None:
+    """Without a route to the hub, switch huggingface_hub to offline mode before it is imported.
+
+    Otherwise every uncached pretrained model waits through the hub client's retries (about 50 s each)
+    before failing; offline mode makes it fail at once with our one-line message, and cached
+    checkpoints still load.
+    """
+    import os
+    import socket
+
+    if "HF_HUB_OFFLINE" in os.environ or "huggingface_hub" in sys.modules:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _spec_text(spec: dict) -> str:
