@@ -395,13 +395,27 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
 
     values = [base.values[n.name] for n in nodes]
     is_tensor = [has_tensor(v) for v in values]
-    single = [all(isinstance(p.values[n.name], TensorShape) for p in fit) for n in nodes]
-    valid = C.crossing_rules(nodes, [p.values for p in fit], is_tensor, C.tensor_cuts(nodes, is_tensor, single))
-    runs = C.group_runs(sorted(valid), is_tensor)
     module_path = [n.meta.get("module_path", "") for n in nodes]
-    at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
-                                           lambda path: type(model.get_submodule(path)))
-    candidates, block_level = C.run_candidates(runs, _output_producer(nodes), at_boundary)
+
+    def analyse(probes: list[Probe]):
+        single = [all(isinstance(p.values[n.name], TensorShape) for p in probes) for n in nodes]
+        valid = C.crossing_rules(nodes, [p.values for p in probes], is_tensor,
+                                 C.tensor_cuts(nodes, is_tensor, single))
+        runs = C.group_runs(sorted(valid), is_tensor)
+        at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
+                                               lambda path: type(model.get_submodule(path)))
+        return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary))
+
+    valid, candidates, block_level = analyse(fit)
+    if res is not None and len(block_level) < 4:
+        # Some models carry a grid size as a list from block to block (MViTv2's [H, W]): no rule maps it
+        # to the token tensor's shape across resolutions, so most cuts look invalid. At the traced
+        # resolution those values are constants; cutting there (and giving up resizability) is better
+        # than not cutting at all.
+        fixed = analyse(fit[:2])
+        if len(fixed[2]) > len(block_level):
+            valid, candidates, block_level = fixed
+            res = None
     if len(candidates) < 2:
         raise TraceError(f"{name}: only {len(candidates)} cut point(s) where a single tensor crosses; "
                          "cannot be cut into blocks")
