@@ -326,9 +326,16 @@ class StreamingCKA:
         n = sizes.pop()
         _check_n(n, self.estimator)
 
-        # One Gram per feature set: (P, n, n). The feature dims differ, so this is a short loop over
-        # feature sets (not over elements), each one matmul.
-        grams = torch.stack([m @ m.T for m in mats])
+        # One Gram per feature set: (P, n, n). Sets of equal width are stacked and multiplied in one
+        # batched matmul (a zoo has only a few distinct widths), which avoids hundreds of tiny
+        # kernel launches per batch.
+        grams = torch.empty(len(mats), n, n, dtype=torch.float64, device=device)
+        by_width: dict[int, list[int]] = {}
+        for i, m in enumerate(mats):
+            by_width.setdefault(m.shape[1], []).append(i)
+        for idx in by_width.values():
+            stacked = torch.stack([mats[i] for i in idx])
+            grams[idx] = torch.bmm(stacked, stacked.transpose(1, 2))
         scale = torch.diagonal(grams, dim1=-2, dim2=-1).sum(dim=-1) ** 2 / _normaliser(n, self.estimator)
         if self.estimator == "unbiased":
             grams = _zero_diagonal(grams)
