@@ -333,12 +333,16 @@ def _is_container(model: nn.Module):
 
 def _is_simple(model: nn.Module):
     """A single layer: at most one module with its own parameters in its subtree."""
+    cache: dict[str, bool] = {}  # called once per graph node, but there are few distinct paths
+
     def is_simple(path: str | None) -> bool:
         if path is None:
             return True
-        with_params = sum(1 for m in model.get_submodule(path).modules()
-                          if next(m.parameters(recurse=False), None) is not None)
-        return with_params <= 1
+        if path not in cache:
+            with_params = sum(1 for m in model.get_submodule(path).modules()
+                              if next(m.parameters(recurse=False), None) is not None)
+            cache[path] = with_params <= 1
+        return cache[path]
     return is_simple
 
 
