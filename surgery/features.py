@@ -82,7 +82,8 @@ def feature_extractor(
     pooled = []
     for name, spec in zip(nodes, specs, strict=True):
         src = by_name[name]
-        with graph.inserting_before(output):
+        # pool right after the cut point, so the full-size map can be freed as soon as the graph is done with it
+        with graph.inserting_after(src):
             pooled.append(graph.call_function(pool_tensor, (src, spec.layout, spec.prefix_tokens, prefix)))
     with graph.inserting_before(output):
         new_out = graph.output(tuple(pooled))

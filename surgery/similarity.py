@@ -51,7 +51,7 @@ class _ModelFeatures:
     """One model's extractor, transform and feature cache."""
 
     def __init__(self, ws: Workspace, name: str, settings: dict[str, Any], cache: bool, device):
-        from surgery.dissection import dissect
+        from surgery.tracing import trace_model
         from zoo.data import make_transform
 
         entry, manifest, model = load_model_entry(ws, name)
@@ -70,8 +70,9 @@ class _ModelFeatures:
         self.extractor = None
         self.device = device
         if not self.cached:
-            d = dissect(model, size, name=name, granularity=manifest["settings"]["granularity"])
-            self.extractor = feature_extractor(d.graph_module, self.nodes, self.specs,
+            # only the traced graph is needed (the cut points are in the manifest): no re-dissection
+            gm = trace_model(model, name)
+            self.extractor = feature_extractor(gm, self.nodes, self.specs,
                                                prefix=settings["prefix"]).to(device)
             if cache:
                 if self.cache_dir.exists():
