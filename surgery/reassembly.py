@@ -116,7 +116,9 @@ def _classifier_cost(model: nn.Module, input_size, num_classes: int) -> tuple[in
     """(old classifier params, old classifier MACs, new head params, new head MACs) at batch 1."""
     clf = model.get_classifier() if hasattr(model, "get_classifier") else None
     old_p = count_params(clf) if isinstance(clf, nn.Module) else 0
-    feats = getattr(model, "num_features", None) or getattr(clf, "in_features", 0)
+    # the pre-logits width after reset_classifier(0): timm's head_hidden_size when a pre-logits layer exists
+    feats = (getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+             or getattr(clf, "in_features", 0))
     old_m = int(getattr(clf, "in_features", 0) * getattr(clf, "out_features", 0)) if isinstance(clf, nn.Linear) else 0
     new_p = int(feats * num_classes + num_classes)
     new_m = int(feats * num_classes)
@@ -316,10 +318,11 @@ def reassemble(
     # build, fit and score each chain
     t_fit = t_proxy = 0.0
     ranked: list[Ranked] = []
+    activations: dict[tuple[str, str | None], torch.Tensor] = {}
     for chain in chains:
         t1 = time.perf_counter()
         chain_plans = [plans[k][bid] for k, bid in enumerate(chain.blocks)]
-        model = build_chain(models, dissections, chain_plans, inputs, labels, num_classes)
+        model = build_chain(models, dissections, chain_plans, inputs, labels, num_classes, activations)
         t_fit += time.perf_counter() - t1
         t1 = time.perf_counter()
         first = chain_plans[0].model
@@ -373,8 +376,21 @@ def _default_probe() -> str:
 
 
 def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain: list[StagePlan],
-                inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> ReassembledModel:
-    """Build a chain from pretrained blocks, fit its stitches (ridge) and its head (closed form)."""
+                inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
+                activations: dict[tuple[str, str | None], torch.Tensor] | None = None) -> ReassembledModel:
+    """Build a chain from pretrained blocks, fit its stitches (ridge) and its head (closed form).
+
+    ``activations`` caches native cut-point activations across the chains of one run, so a junction
+    shared by several top-N chains runs its models' prefixes once.
+    """
+    activations = {} if activations is None else activations
+
+    def native(model_name: str, node: str | None) -> torch.Tensor:
+        key = (model_name, node)
+        if key not in activations:
+            activations[key] = _activation(models[model_name], dissections[model_name], node, inputs[model_name])
+        return activations[key]
+
     project = []
     for k in range(1, len(chain)):
         same = chain[k - 1].model == chain[k].model and chain[k - 1].end == chain[k].start
@@ -386,9 +402,7 @@ def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain
         if project[k - 1] is None:
             continue
         prev, cur = chain[k - 1], chain[k]
-        donor = _activation(models[prev.model], dissections[prev.model], prev.end, inputs[prev.model])
-        receiver = _activation(models[cur.model], dissections[cur.model], cur.start, inputs[cur.model])
-        fit_stitch(next(stitches), donor, receiver)
+        fit_stitch(next(stitches), native(prev.model, prev.end), native(cur.model, cur.start))
     head = make_head(feature_spec, num_classes)
     model = ReassembledModel(parts, roles, head).eval()
     with torch.inference_mode():
