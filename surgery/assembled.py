@@ -26,7 +26,7 @@ from torch import nn
 from surgery.errors import WorkspaceError
 from surgery.spec import TensorSpec
 from surgery.stitch import Head, Stitch, make_head, make_stitch, token_context_from_timm
-from surgery.workspace import load_tensors, read_json, save_tensors, write_json
+from surgery.workspace import load_tensors, read_manifest, save_tensors, write_json
 from zoo.entries import ZooEntry, build_model
 
 RECIPE_SCHEMA = "surgery.reassembled/1"
@@ -166,13 +166,8 @@ def save(model: ReassembledModel, out_dir: str | os.PathLike, recipe: dict[str, 
 
 def read_recipe(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The recipe of a saved reassembled model (one-line error when missing or foreign)."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise WorkspaceError(f"no reassembled model in {model_dir} (config.json missing)")
-    recipe = read_json(path, what="model config")
-    if not isinstance(recipe, dict) or recipe.get("schema") != RECIPE_SCHEMA:
-        raise WorkspaceError(f"{path} is not a {RECIPE_SCHEMA} config")
-    return recipe
+    return read_manifest(Path(model_dir) / "config.json", RECIPE_SCHEMA, what="model config",
+                         missing=f"no reassembled model in {model_dir} (config.json missing)")
 
 
 def rebuild(recipe: dict[str, Any]) -> ReassembledModel:

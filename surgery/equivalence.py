@@ -22,7 +22,7 @@ from solvers.partition import objective as partition_objective
 from solvers.partition import partition as solve_partition
 from surgery.errors import WorkspaceError
 from surgery.similarity import read_similarity
-from surgery.workspace import Workspace, read_json, write_json
+from surgery.workspace import Workspace, read_manifest, write_json
 
 PARTITION_SCHEMA = "surgery.partition/1"
 
@@ -157,13 +157,8 @@ def run_partition(
 
 def read_partition(ws: Workspace) -> dict[str, Any]:
     """The workspace's partition manifest (one-line error when missing or from another schema)."""
-    path = ws.root / "partition.json"
-    if not path.exists():
-        raise WorkspaceError(f"no partition in {ws.root}: run 'surgery partition {ws.root}' first")
-    data = read_json(path, what="partition manifest")
-    if not isinstance(data, dict) or data.get("schema") != PARTITION_SCHEMA:
-        raise WorkspaceError(f"{path} is not a {PARTITION_SCHEMA} manifest")
-    return data
+    return read_manifest(ws.root / "partition.json", PARTITION_SCHEMA, what="partition manifest",
+                         missing=f"no partition in {ws.root}: run 'surgery partition {ws.root}' first")
 
 
 def write_partition_plots(ws: Workspace, manifest: dict[str, Any], sim: dict[str, Any],

@@ -28,7 +28,7 @@ from surgery.errors import WorkspaceError
 from surgery.features import feature_extractor
 from surgery.library import load_model_entry
 from surgery.spec import TensorSpec
-from surgery.workspace import Workspace, load_tensors, read_json, save_tensors, write_json
+from surgery.workspace import Workspace, load_tensors, read_json, read_manifest, save_tensors, write_json
 
 SIMILARITY_SCHEMA = "surgery.similarity/1"
 
@@ -182,11 +182,8 @@ def compute_similarity(
 def read_similarity(ws: Workspace) -> dict[str, Any]:
     """The workspace's similarity manifest with its matrix (``"matrix"``: numpy float64, P x P)."""
     path = ws.root / "similarity" / "similarity.json"
-    if not path.exists():
-        raise WorkspaceError(f"no similarity in {ws.root}: run 'surgery similarity {ws.root}' first")
-    manifest = read_json(path, what="similarity manifest")
-    if not isinstance(manifest, dict) or manifest.get("schema") != SIMILARITY_SCHEMA:
-        raise WorkspaceError(f"{path} is not a {SIMILARITY_SCHEMA} manifest")
+    manifest = read_manifest(path, SIMILARITY_SCHEMA, what="similarity manifest",
+                             missing=f"no similarity in {ws.root}: run 'surgery similarity {ws.root}' first")
     matrix = load_tensors(ws.root / "similarity" / "cka.safetensors")["cka"].double().numpy()
     total = sum(len(v) for v in manifest["nodes"].values())
     if matrix.shape != (total, total):

@@ -77,6 +77,24 @@ def read_json(path: str | os.PathLike, *, what: str = "manifest") -> Any:
         raise WorkspaceError(f"corrupt {what} {path}: {e}") from None
 
 
+def read_manifest(path: str | os.PathLike, schema: str, *, what: str, missing: str) -> dict[str, Any]:
+    """Read a JSON manifest of a given schema; one-line :class:`WorkspaceError` when missing or foreign.
+
+    Args:
+        path: the file.
+        schema: the expected ``"schema"`` field.
+        what: what the file is, for messages.
+        missing: the message when the file does not exist (say which command writes it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WorkspaceError(missing)
+    data = read_json(path, what=what)
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        raise WorkspaceError(f"{path} is not a {schema} {what}")
+    return data
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a dict of tensors as safetensors, atomically (contiguous CPU copies, no shared storage)."""
     from safetensors.torch import save_file
