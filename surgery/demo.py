@@ -36,7 +36,7 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
         quick: a tiny smoke run (quick mini-zoo, few samples, 1 epoch).
         as_json: print JSON instead of tables.
         console: where to print.
-        epochs: fine-tuning epochs for both contenders (default 15, 1 with ``quick``).
+        epochs: fine-tuning epochs for both contenders (default 6, 1 with ``quick``).
         stages: K equivalence sets.
         seed: seed of every draw.
     """
@@ -51,7 +51,7 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
 
     console = console or Console()
     say = (lambda msg: None) if as_json else (lambda msg: console.print(msg, highlight=False))
-    epochs = epochs if epochs is not None else (1 if quick else 15)
+    epochs = epochs if epochs is not None else (1 if quick else 6)
     out = Path(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
