@@ -102,7 +102,8 @@ def run_partition(
         for j, b in enumerate(names):
             ia = [offsets[a] + sim["nodes"][a].index(node) for node in cands[i]]
             ib = [offsets[b] + sim["nodes"][b].index(node) for node in cands[j]]
-            pairs[(i, j)] = matrix[np.ix_(ia, ib)]
+            # a constant cut point has no defined CKA (NaN): treat it as unrelated, as reassembly does
+            pairs[(i, j)] = np.nan_to_num(matrix[np.ix_(ia, ib)], nan=0.0)
     if relax_eps:
         eps = max([eps] + [min_feasible_eps(c, t, n_stages) * (1 + 1e-9) for c, t in zip(cums, totals, strict=True)])
     try:
