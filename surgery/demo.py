@@ -1,6 +1,6 @@
 """``surgery demo`` (``make demo``): the whole pipeline on the pretrained mini-zoo, measured honestly.
 
-1. the mini-zoo (small timm models of six families trained here on Fashion-MNIST source tasks;
+1. the mini-zoo (small timm models of seven families trained here on Fashion-MNIST source tasks;
    built once, then cached);
 2. dissect, similarity (Fashion-MNIST probe images), partition into K stages;
 3. reassemble under a MAC budget for a target task no zoo model was trained on (scikit-learn's

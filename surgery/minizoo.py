@@ -331,6 +331,10 @@ def _readme(cards: dict[str, dict[str, Any]], build: dict[str, Any]) -> str:
     versions = next(iter(cards.values()))["versions"] if cards else {}
     lines += [
         "",
+        f"Training time of the {len(cards)} models: {sum(c['train_seconds'] for c in cards.values()):.0f} s "
+        f"wall, {sum(c.get('train_cpu_seconds', 0) for c in cards.values()):.0f} s CPU, plus "
+        f"{sum(c['eval_seconds'] for c in cards.values()):.0f} s of test evaluation.",
+        "",
         f"Last build: {build.get('finished_at', '?')}, {build.get('total_seconds', 0):.0f} s in all "
         f"({len(build.get('trained', []))} trained, {len(build.get('cached', []))} reused from cache) "
         f"with torch {versions.get('torch', '?')}, timm {versions.get('timm', '?')}, "
