@@ -45,6 +45,9 @@ def _timm_registries() -> tuple[list[type[nn.Module]], list[Callable]]:
     return list(get_notrace_modules()), list(get_notrace_functions())
 
 
+_TIMM_ACTIVATION_MODULES = ("timm.layers.activations",)
+
+
 class SurgeryTracer(Tracer):
     """``torch.fx.Tracer`` with timm's leaf modules and auto-wrapped functions.
 
@@ -63,6 +66,11 @@ class SurgeryTracer(Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        # timm's activation modules (GELU, Swish, ...) live outside torch.nn, so fx would inline
+        # them into bare function calls; kept as modules, the blocks keep hookable activations
+        # (NASWOT counts activation patterns through forward hooks).
+        if type(m).__module__.startswith(_TIMM_ACTIVATION_MODULES):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

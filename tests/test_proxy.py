@@ -162,3 +162,20 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     tau, p = kendall_tau([1, 2, 3, 4, 5], [1, 3, 2, 5, 4], return_pvalue=True)
     assert -1 <= tau <= 1 and 0 <= p <= 1
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_vit", "test_efficientnet"])
+def test_dissected_blocks_keep_timm_activations_for_naswot(name):
+    # timm's GELU/Swish modules must stay modules in the traced blocks (not inlined into F.gelu),
+    # otherwise a stitched chain of such blocks has nothing for NASWOT to hook.
+    from surgery.dissection import dissect
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    expected = len(activation_modules(model))
+    assert expected
+    dis = dissect(model, (3, 64, 64), name=name)
+    hooked = sum(len(activation_modules(block)) for block in dis.blocks)
+    assert hooked == expected
+    chain = nn.Sequential(*dis.blocks)
+    assert math.isfinite(naswot_score(chain, torch.randn(6, 3, 64, 64)))
