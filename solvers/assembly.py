@@ -54,6 +54,7 @@ import numpy as np
 import pulp
 
 from solvers.errors import InfeasibleError, SolverError
+from solvers.native_output import stdout_to_stderr
 
 __all__ = [
     "AssemblyProgram",
@@ -764,7 +765,8 @@ class AssemblyProgram:
                 if left <= 0:
                     break
                 backend = self._solver(solver, max(left, 0.01), threads, gap)
-            work.solve(backend)
+            with stdout_to_stderr():  # HiGHS prints a banner to fd 1 whatever msg= says
+                work.solve(backend)
             sol = work.sol_status
             if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
                 idx = self._read_indices()

@@ -302,6 +302,20 @@ def test_highs_matches_cbc(args, budget):
     assert objectives(highs) == objectives(cbc)
 
 
+@pytest.mark.skipif(not HAVE_HIGHS, reason="highspy not installed")
+def test_highs_banner_stays_off_stdout():
+    # HiGHS prints a banner from C++ on first use; stdout must carry only what the caller prints
+    # (surgery reassemble --json), so the banner is sent to stderr at the file-descriptor level.
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_assembly import make_zoo; "
+        "from solvers.assembly import AssemblyProgram; stages, pairs = make_zoo(0, 3, 4); "
+        "p = AssemblyProgram(stages, pairs, max_params=10**9); p.max_blocks_from_model(stages[0][0].model, 1); "
+        "print(len(p.solve(top=2, solver='highs')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout == "2\n"
+
+
 def test_import_does_not_pull_torch_or_surgery():
     code = (
         "import sys, solvers.assembly; bad = [m for m in sys.modules if m == 'torch' or m.startswith"
