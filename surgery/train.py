@@ -46,7 +46,6 @@ Files written to ``out_dir``:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -54,7 +53,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,11 +61,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from surgery.checkpoint import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    find_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from surgery.errors import SurgeryError
+from surgery.schedule import build_scheduler, cosine_lr, make_ema
+from surgery.train_report import TrainReporter, append_jsonl, truncate_metrics
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "evaluate", "select_trainable", "cosine_lr", "build_scheduler",
@@ -76,8 +84,6 @@ __all__ = [
 
 ROLE_ATTR = "_surgery_role"
 ROLES = ("block", "stitch", "head", "stem")
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FORMAT = "surgery.train/1"
 EPOCH_KEYS = (
     "type", "epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc",
     "lr", "images_per_s", "epoch_time_s",
@@ -277,83 +283,6 @@ def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: fl
     return [g for g in groups if g["params"]]
 
 
-# ---------------------------------------------------------------------------- schedule
-
-
-def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate used by optimizer step ``step`` (0-based).
-
-    Warm-up: ``base_lr * (step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first step
-    already moves, the last warm-up step reaches ``base_lr``). Then half a cosine from ``base_lr``
-    to ``min_lr`` over the remaining steps:
-    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * t)) / 2`` with
-    ``t = (step - warmup_steps) / max(1, total_steps - warmup_steps)``.
-    """
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def _warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    total = config.epochs * steps_per_epoch
-    steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
-    return min(steps, total)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step :func:`cosine_lr` as a ``LambdaLR`` (stepped after every optimizer step)."""
-    total = config.epochs * steps_per_epoch
-    warm = _warmup_steps(config, steps_per_epoch)
-    base, floor = config.lr, config.min_lr
-
-    def factor(step: int) -> float:
-        # LambdaLR multiplies each group's initial lr; all groups start at config.lr.
-        return cosine_lr(step, base_lr=base, min_lr=floor, warmup_steps=warm, total_steps=total) / base
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------- EMA
-
-
-class _SimpleEma(nn.Module):
-    """Fallback EMA with ModelEmaV3's interface, for a timm without it."""
-
-    def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False):
-        super().__init__()
-        self.module = deepcopy(model).eval()
-        self.decay, self.use_warmup = decay, use_warmup
-
-    def get_decay(self, step: int | None = None) -> float:
-        if step is None:
-            return self.decay
-        if step <= 1:
-            return 0.0
-        if self.use_warmup:  # timm's warm-up (gamma 1, power 2/3) counted from the first real update
-            return min(self.decay, 1.0 - step ** (-2.0 / 3.0))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None) -> None:
-        decay = self.get_decay(step)
-        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if ema_v.is_floating_point():
-                ema_v.lerp_(model_v.to(ema_v.dtype), 1.0 - decay)
-            else:
-                ema_v.copy_(model_v)
-
-
-def _make_ema(model: nn.Module, config: TrainConfig) -> nn.Module:
-    try:
-        from timm.utils import ModelEmaV3
-    except ImportError:  # older timm: our own, same update rule
-        return _SimpleEma(model, config.ema_decay, config.ema_warmup)
-    return ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup)
-
-
 # ---------------------------------------------------------------------------- data and devices
 
 
@@ -465,171 +394,6 @@ def evaluate(
     return {"top1": correct.item() / n, "loss": loss_sum.item() / n, "n": n, "images_per_s": n / elapsed}
 
 
-# ---------------------------------------------------------------------------- RNG and checkpoints
-
-
-def _rng_state(loader: Any) -> dict[str, Any]:
-    """Every RNG that decides data order, dropout and augmentation, as tensors and plain containers."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    for name, gen in _loader_generators(loader).items():
-        state[name] = gen.get_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], loader: Any) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["cached_gaussian"]))
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for name, gen in _loader_generators(loader).items():
-        if name in state:
-            gen.set_state(state[name])
-
-
-def _loader_generators(loader: Any) -> dict[str, torch.Generator]:
-    """Private generators a DataLoader or its sampler shuffle with (not covered by the global RNG)."""
-    gens = {}
-    candidates = {
-        "loader_generator": getattr(loader, "generator", None),
-        "sampler_generator": getattr(getattr(loader, "sampler", None), "generator", None),
-    }
-    for name, gen in candidates.items():
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in gens.values()):
-            gens[name] = gen
-    return gens
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Write ``checkpoint.tmp`` completely, then swap it in with renames (never a half checkpoint)."""
-    final, tmp, old = out_dir / CHECKPOINT_DIR, out_dir / f"{CHECKPOINT_DIR}.tmp", out_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"),
-               metadata={"format": CHECKPOINT_FORMAT, "epoch": str(state["epoch"])}, force_contiguous=True)
-    _fsync(tmp / "model.safetensors")
-    # state.pt last: its presence marks the folder complete.
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _find_checkpoint(out_dir: Path) -> Path | None:
-    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
-        folder = out_dir / name
-        if (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    return None
-
-
-# ---------------------------------------------------------------------------- output
-
-
-class _Reporter:
-    """A rich progress bar per epoch on a terminal; plain periodic lines otherwise; nothing when quiet."""
-
-    def __init__(self, quiet: bool, epochs: int, steps: int, log_every: int):
-        from rich.console import Console
-
-        self.epochs, self.steps, self.log_every = epochs, steps, log_every
-        console = Console()
-        self.mode = "quiet" if quiet else ("rich" if console.is_terminal else "plain")
-        self.progress = None
-        if self.mode == "rich":
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console,
-            )
-            self.progress.start()
-        self.task = None
-
-    def start_epoch(self, epoch: int) -> None:
-        if self.progress is not None:
-            self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=self.steps, metrics="")
-
-    def step(self, epoch: int, step_in_epoch: int, metrics: dict[str, Any] | None) -> None:
-        if self.progress is not None:
-            text = (f"loss {metrics['loss']:.4f} acc {metrics['acc']:.3f} {metrics['images_per_s']:.0f} img/s"
-                    if metrics else None)
-            self.progress.update(self.task, advance=1, **({"metrics": text} if text else {}))
-        elif self.mode == "plain" and metrics:
-            print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps} loss {metrics['loss']:.4f} "
-                  f"acc {metrics['acc']:.4f} lr {metrics['lr']:.3e} {metrics['images_per_s']:.1f} img/s",
-                  flush=True)
-
-    def end_epoch(self, rec: dict[str, Any]) -> None:
-        if self.mode == "quiet":
-            return
-        parts = [f"epoch {rec['epoch']}/{self.epochs}", f"train_loss {rec['train_loss']:.4f}",
-                 f"train_acc {rec['train_acc']:.4f}"]
-        for key in ("val_loss", "val_acc", "ema_val_loss", "ema_val_acc"):
-            if rec[key] is not None:
-                parts.append(f"{key} {rec[key]:.4f}")
-        parts += [f"{rec['images_per_s']:.1f} img/s", f"{rec['epoch_time_s']:.1f}s"]
-        line = " ".join(parts)
-        if self.progress is not None:
-            self.progress.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _append_jsonl(path: Path | None, record: dict[str, Any]) -> None:
-    if path is not None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, done_epochs: int) -> None:
-    """Drop lines of epochs after the checkpoint (a crash mid-epoch leaves step lines behind)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) <= done_epochs:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a torn last line from the crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -713,7 +477,7 @@ def train(
     optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    ema = _make_ema(model, config) if config.ema else None
+    ema = make_ema(model, config) if config.ema else None
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     history: list[dict[str, Any]] = []
@@ -722,7 +486,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
-        folder = _find_checkpoint(out)
+        folder = find_checkpoint(out)
         if folder is None:
             raise SurgeryError(f"nothing to resume: no complete checkpoint in {out}")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
@@ -741,8 +505,8 @@ def train(
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, global_step, history = state["epoch"], state["step"], list(state["history"])
-        _set_rng_state(state["rng"], train_loader)
-        _truncate_metrics(metrics_path, start_epoch)
+        set_rng_state(state["rng"], train_loader)
+        truncate_metrics(metrics_path, start_epoch)
     elif out is not None:
         # A fresh run starts a fresh log, and drops an older run's checkpoint so that a crash in its
         # first epoch can never be "resumed" from someone else's weights.
@@ -750,7 +514,7 @@ def train(
         for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
 
-    reporter = _Reporter(quiet, config.epochs, steps_per_epoch, config.log_every)
+    reporter = TrainReporter(quiet, config.epochs, steps_per_epoch, config.log_every)
     checkpoint = None
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -793,7 +557,7 @@ def train(
                         "acc": correct.item() / seen, "lr": scheduler.get_last_lr()[0],
                         "images_per_s": seen / max(time.perf_counter() - start, 1e-9),
                     }
-                    _append_jsonl(metrics_path, step_metrics)
+                    append_jsonl(metrics_path, step_metrics)
                 reporter.step(epoch + 1, i + 1, step_metrics)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -815,7 +579,7 @@ def train(
                     record["ema_val_loss"], record["ema_val_acc"] = ev["loss"], ev["top1"]
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
-            _append_jsonl(metrics_path, record)
+            append_jsonl(metrics_path, record)
             reporter.end_epoch(record)
             if out is not None:
                 # Saved after validation: the RNG state is then exactly where the next epoch begins.
@@ -824,10 +588,10 @@ def train(
                     "steps_per_epoch": steps_per_epoch, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": dict(ema.module.state_dict()) if ema is not None else None,
-                    "rng": _rng_state(train_loader), "history": history,
+                    "rng": rng_state(train_loader), "history": history,
                     "config": config.model_dump(mode="json"),
                 }
-                checkpoint = _save_checkpoint(out, model, state)
+                checkpoint = save_checkpoint(out, model, state)
     finally:
         reporter.close()
         for p in model.parameters():
@@ -835,7 +599,7 @@ def train(
         model.train(was_training)
 
     if checkpoint is None and out is not None:
-        checkpoint = _find_checkpoint(out)  # resumed a run that was already complete
+        checkpoint = find_checkpoint(out)  # resumed a run that was already complete
     vals = [(r["val_acc"], r["epoch"]) for r in history if r["val_acc"] is not None]
     best = max(vals, key=lambda v: v[0]) if vals else (None, None)
     ema_vals = [r["ema_val_acc"] for r in history if r["ema_val_acc"] is not None]
