@@ -117,7 +117,7 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
     step("finetune", t0)
     single_rows = [r for r in rows if r["method"].startswith("single")]
     best_single = max(single_rows, key=lambda r: r["val_top1"]) if single_rows else None
-    summary = {"budget_gflops": budget_g, "target": TARGET, "epochs": epochs, "stages": stages,
+    summary = {"budget_gflops": budget_g, "target": TARGET, "epochs": epochs, "stages": stages, "quick": quick,
                "rows": rows, "best_single": best_single["method"] if best_single else None,
                "timings": timings, "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -134,8 +134,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     """The demo's result table (reassembled vs the best single model) from a ``demo.json`` summary."""
     rows = summary["rows"]
     table = Table(title=f"{summary['target']}: reassembled vs the best single zoo model within "
-                        f"{summary['budget_gflops']:.4f} GFLOPs, both fine-tuned {summary['epochs']} epochs "
-                        "with the same recipe (top-1 %)")
+                        f"{summary['budget_gflops']:.4f} GFLOPs, both fine-tuned {summary['epochs']} "
+                        f"epoch{'s' if summary['epochs'] != 1 else ''} "
+                        "with the same recipe (top-1 %)",
+                  caption="--quick: smoke-test zoo trained on a few hundred images, accuracies mean nothing"
+                  if summary.get("quick") else None)
     table.add_column("method", no_wrap=True)
     table.add_column("blocks from", no_wrap=True)
     for col in ("M params", "GFLOPs", "val (no FT)", "val", "test"):

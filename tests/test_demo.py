@@ -39,6 +39,14 @@ def test_summary_table_fits_80_columns_without_cutting_names():
         assert name in text
     assert "regnetx-fm04" not in text  # only the best single model is shown
     assert "94.4" in text and "93.0" in text
+    assert "smoke-test" not in text
+
+
+def test_quick_summary_table_says_its_accuracies_mean_nothing():
+    console = Console(width=80, record=True)
+    console.print(summary_table({**_summary(), "quick": True, "epochs": 1}))
+    text = console.export_text()
+    assert "smoke-test" in text and "1 epoch " in text
 
 
 @needs_fashion_mnist
