@@ -27,9 +27,9 @@ from surgery.spec import TensorSpec
 from surgery.tracing import TensorShape
 
 __all__ = [
-    "CutPoint", "Const", "FromDim", "Pack", "tensor_cuts", "crossing_values", "fit_rule", "crossing_rules",
-    "group_runs", "container_boundaries", "run_candidates", "prune_block_boundaries", "stage_boundaries",
-    "merge_small_blocks",
+    "CutPoint", "Const", "FromDim", "DeviceOf", "Pack", "recomputable", "tensor_cuts", "crossing_values", "fit_rule",
+    "crossing_rules", "group_runs", "container_boundaries", "run_candidates", "prune_block_boundaries",
+    "stage_boundaries", "merge_small_blocks",
 ]
 
 
@@ -76,6 +76,15 @@ class FromDim:
 
 
 @dataclass(frozen=True)
+class DeviceOf:
+    """A crossing ``torch.device`` (``x.device`` read early, used later): the block input's device.
+
+    Never baked as a constant: the probes run on the meta device, and a block must follow its input to
+    whatever device it is moved to.
+    """
+
+
+@dataclass(frozen=True)
 class Pack:
     """A crossing tuple / list / ``torch.Size`` rebuilt element by element."""
 
@@ -101,9 +110,11 @@ def fit_rule(values: Sequence[Any], shapes: Sequence[tuple[int, ...]]):
         shapes: the cut tensor's shape in the same probes.
 
     Returns:
-        :class:`Const`, :class:`FromDim`, :class:`Pack`, or ``None`` when no rule fits.
+        :class:`Const`, :class:`FromDim`, :class:`DeviceOf`, :class:`Pack`, or ``None`` when no rule fits.
     """
     first = values[0]
+    if all(isinstance(v, torch.device) for v in values):
+        return DeviceOf()
     if all(type(v) is type(first) for v in values) and all(v == first for v in values[1:]) and _bakeable(first):
         return Const(first)
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -127,32 +138,64 @@ def fit_rule(values: Sequence[Any], shapes: Sequence[tuple[int, ...]]):
 
 # --- cut points --------------------------------------------------------------------------------
 
-def _last_use(nodes) -> list[int]:
-    """Per position: position of the node's last user (its own position when unused)."""
+def recomputable(nodes: Sequence, is_tensor: Sequence[bool]) -> list[bool]:
+    """Per position: whether the node is a tensor computed from parameters and shape values only.
+
+    Such a tensor does not depend on the input's values: a rotary position table built once from the
+    patch grid (DINOv3, ``timm.models.eva``) and handed to every block, a ``cls_token.expand(B, ...)``.
+    A block that uses one defined before its start recomputes it from a copy of its producers (their
+    shape inputs become crossing values with rules), so it does not count as crossing a cut; otherwise
+    such a table would cross every block and leave no cut at all.
+    """
+    pos = {n: i for i, n in enumerate(nodes)}
+    out = [False] * len(nodes)
+    for i, n in enumerate(nodes):
+        if not is_tensor[i] or n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        out[i] = all(a.op == "get_attr" or out[pos[a]] or (not is_tensor[pos[a]] and a.op != "placeholder")
+                     for a in n.all_input_nodes)
+    return out
+
+
+def _last_use(nodes, recompute: Sequence[bool] | None = None) -> list[int]:
+    """Per position: position of the node's last user (its own position when unused).
+
+    With ``recompute``, a recomputable node's inputs live until its own last use (a block after it
+    rebuilds it from them).
+    """
     pos = {n: i for i, n in enumerate(nodes)}
     last_use = list(range(len(nodes)))
     for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
             last_use[pos[a]] = max(last_use[pos[a]], i)
+    if recompute is not None:
+        for i in range(len(nodes) - 1, -1, -1):  # users first, so chains of recomputed nodes propagate
+            if recompute[i]:
+                for a in nodes[i].all_input_nodes:
+                    last_use[pos[a]] = max(last_use[pos[a]], last_use[i])
     return last_use
 
 
-def tensor_cuts(nodes: Sequence, is_tensor: Sequence[bool], single_tensor: Sequence[bool]) -> list[int]:
+def tensor_cuts(nodes: Sequence, is_tensor: Sequence[bool], single_tensor: Sequence[bool],
+                recompute: Sequence[bool] | None = None) -> list[int]:
     """Positions of nodes that only their own tensor output crosses (O(V+E) difference array).
 
     Args:
         nodes: fx nodes in graph order.
         is_tensor: per position, whether the node's value holds a tensor (edges from it count).
         single_tensor: per position, whether the node's value is one tensor (it may be a cut).
+        recompute: per position, whether the node is :func:`recomputable` (its edges do not count, and
+            it is never a cut itself).
 
     Returns:
         Sorted positions of cut nodes (never placeholders, ``get_attr`` or the output node).
     """
+    recompute = recompute if recompute is not None else [False] * len(nodes)
     last_use = _last_use(nodes)
     diff = [0] * (len(nodes) + 1)
     for i, n in enumerate(nodes):
-        if n.op == "get_attr" or not is_tensor[i]:
-            continue  # parameters used inline and shape ints do not count as crossing
+        if n.op == "get_attr" or not is_tensor[i] or recompute[i]:
+            continue  # parameters used inline, shape ints and recomputed tables do not count as crossing
         lo, hi = i + 1, last_use[i]
         if lo < hi:
             diff[lo] += 1
@@ -160,17 +203,19 @@ def tensor_cuts(nodes: Sequence, is_tensor: Sequence[bool], single_tensor: Seque
     cuts, cover = [], 0
     for i, n in enumerate(nodes):
         cover += diff[i]
-        if cover == 0 and single_tensor[i] and n.op not in ("placeholder", "output", "get_attr"):
+        if cover == 0 and single_tensor[i] and not recompute[i] and n.op not in ("placeholder", "output", "get_attr"):
             cuts.append(i)
     return cuts
 
 
-def crossing_values(nodes: Sequence, is_tensor: Sequence[bool], cuts: Sequence[int]) -> dict[int, list[int]]:
+def crossing_values(nodes: Sequence, is_tensor: Sequence[bool], cuts: Sequence[int],
+                    recompute: Sequence[bool] | None = None) -> dict[int, list[int]]:
     """For each cut position, the positions of non-tensor nodes whose value crosses it.
 
-    A sweep over cuts in order with the live non-tensor spans: O(V + E + number of crossings).
+    A sweep over cuts in order with the live non-tensor spans: O(V + E + number of crossings). With
+    ``recompute``, the shape values a recomputable node is built from cross wherever it is used.
     """
-    last_use = _last_use(nodes)
+    last_use = _last_use(nodes, recompute)
     starts = sorted((i for i, n in enumerate(nodes)
                      if n.op != "get_attr" and not is_tensor[i] and last_use[i] > i + 1))
     live: list[int] = []
@@ -186,7 +231,7 @@ def crossing_values(nodes: Sequence, is_tensor: Sequence[bool], cuts: Sequence[i
 
 
 def crossing_rules(nodes: Sequence, probes_values: Sequence[dict[str, Any]], is_tensor: Sequence[bool],
-                   cuts: Sequence[int]) -> dict[int, dict[str, Any]]:
+                   cuts: Sequence[int], recompute: Sequence[bool] | None = None) -> dict[int, dict[str, Any]]:
     """Fit a rule for every non-tensor value crossing every cut; cuts with an unfittable value are left out.
 
     Args:
@@ -194,11 +239,12 @@ def crossing_rules(nodes: Sequence, probes_values: Sequence[dict[str, Any]], is_
         probes_values: per probe, node name -> abstract value.
         is_tensor: per position, whether the node's value holds a tensor.
         cuts: candidate cut positions from :func:`tensor_cuts`.
+        recompute: per position, whether the node is :func:`recomputable`.
 
     Returns:
         Valid cut position -> {crossing node name: rule}.
     """
-    crossing = crossing_values(nodes, is_tensor, cuts)
+    crossing = crossing_values(nodes, is_tensor, cuts, recompute)
     valid: dict[int, dict[str, Any]] = {}
     for c in cuts:
         shapes = [vals[nodes[c].name].shape for vals in probes_values]

@@ -34,6 +34,8 @@ __all__ = ["dissect", "Dissection", "GRANULARITIES"]
 
 GRANULARITIES = ("node", "block", "stage")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# node.meta key marking tensors built from parameters and shapes only (see surgery.cuts.recomputable)
+RECOMPUTE_META = "surgery_recompute"
 # second resolutions tried for the resolution probe (added to H, W); non-square first, so that the
 # probe can tell height from width
 _RESOLUTION_STEPS = ((32, 64), (64, 64))
@@ -113,6 +115,8 @@ def _emit_rule(graph: Graph, x: Node, rule) -> Any:
     """Materialise a crossing-value rule as graph nodes computing it from the block input ``x``."""
     if isinstance(rule, C.Const):
         return rule.value
+    if isinstance(rule, C.DeviceOf):
+        return graph.call_function(getattr, (x, "device"))
     if isinstance(rule, C.FromDim):
         value = graph.call_method("size", (x, rule.dim))
         if rule.num != 1:
@@ -154,6 +158,8 @@ def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: 
         if a not in env:  # defined before the block: a parameter, or a shape value recomputed from x
             if a.op == "get_attr":
                 env[a] = graph.node_copy(a)
+            elif a.meta.get(RECOMPUTE_META):  # a table built from parameters and shapes: rebuild it here
+                env[a] = graph.node_copy(a, lookup)
             else:
                 env[a] = _emit_rule(graph, x, rules[a.name])
         return env[a]
@@ -399,13 +405,17 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
 
     values = [base.values[n.name] for n in nodes]
     is_tensor = [has_tensor(v) for v in values]
+    recompute = C.recomputable(nodes, is_tensor)
+    for n, r in zip(nodes, recompute, strict=True):
+        if r:
+            n.meta[RECOMPUTE_META] = True
     module_path = [n.meta.get("module_path", "") for n in nodes]
 
     def analyse(probes: list[Probe]):
         single = [all(isinstance(p.values[n.name], TensorShape) for p in probes) for n in nodes]
         valid = C.crossing_rules(nodes, [p.values for p in probes], is_tensor,
-                                 C.tensor_cuts(nodes, is_tensor, single))
-        runs = C.group_runs(sorted(valid), is_tensor)
+                                 C.tensor_cuts(nodes, is_tensor, single, recompute), recompute)
+        runs = C.group_runs(sorted(valid), [t and not r for t, r in zip(is_tensor, recompute, strict=True)])
         at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
                                                lambda path: type(model.get_submodule(path)))
         return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary))

@@ -192,6 +192,50 @@ def test_errors_are_one_line_trace_errors():
         dissect(_TwoBranches(), (4,), granularity="layer")
 
 
+class _TableBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, table):
+        return x + self.fc2(torch.relu(self.fc1(x * table)))
+
+
+class _SharedTable(nn.Module):
+    """A toy RoPE: a table built once from a buffer and the token grid, handed to every block."""
+
+    def __init__(self, dim: int = 8, depth: int = 4):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.register_buffer("freqs", torch.linspace(0.1, 1.0, dim))
+        self.blocks = nn.ModuleList(_TableBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        _, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        positions = torch.arange(h * w, device=x.device, dtype=x.dtype)
+        table = torch.sin(positions[:, None] * self.freqs[None, :])  # (h*w, c): no input values in it
+        for block in self.blocks:
+            x = block(x, table)
+        return self.head(x.mean(1))
+
+
+def test_table_built_from_parameters_and_shapes_is_recomputed_per_block():
+    torch.manual_seed(0)
+    model = _SharedTable().eval()
+    d = dissect(model, (3, 16, 16), name="shared_table", verify=True)
+    # without recomputation the table crosses every block: only the stem/head cuts would exist
+    assert len(d.blocks) >= 5
+    _assert_chain(model, d, batch=2)
+    # the table depends on the grid, rebuilt from each block's input size: other resolutions chain too
+    assert d.resizable
+    x = torch.randn(2, 3, 24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(d.run_blocks(x), model(x), rtol=0, atol=0)
+
+
 # --- real architectures (slow) -------------------------------------------------------------------
 
 # (name, minimum number of blocks at granularity="block"); fewer than 4 only with a reason.
@@ -207,6 +251,7 @@ SLOW_MODELS = [
     ("poolformer_s12", 4), ("mixer_s16_224", 4), ("resmlp_12_224", 4), ("densenet121", 4),
     ("inception_v3", 4), ("xception41", 4), ("dla34", 4), ("cspresnet50", 4), ("dpn68", 4),
     ("ese_vovnet19b_dw", 4), ("hrnet_w18_small", 4),
+    ("vit_small_patch16_dinov3", 12),  # RoPE table rebuilt in every block (fixed resolution)
 ]
 
 
