@@ -38,13 +38,10 @@ Vollgraf (2017, MIT licence), packaged by Debian as ``dataset-fashion-mnist``; t
 
 from __future__ import annotations
 
-import gzip
-import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.errors import DataError
+from zoo.idx import idx_pairs, read_idx, read_idx_cached, write_idx
+from zoo.transforms import BatchTransform, make_transform, transform_for_model
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIRS", "TEST_FRACTION", "DataSpec", "ImageDataset",
@@ -172,95 +171,14 @@ def parse_spec(spec: str | os.PathLike) -> DataSpec:
     return DataSpec(kind=kind, path=path, classes=classes, per_class=per_class, text=text)
 
 
-# ---------------------------------------------------------------------------------------- IDX files
-
-# IDX type codes -> big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        # Judge compression by content, not by name: mirrors rename and re-compress files freely.
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (plain or gzipped) into a numpy array in native byte order.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The array, shaped by the file's header.
-
-    Raises:
-        DataError: if the file is missing, unreadable, truncated or not IDX.
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated (header)")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = math.prod(dims)
-    if len(raw) - header != count * dtype.itemsize:
-        raise DataError(f"{path} is truncated or padded: header says {dims}, data has {len(raw) - header} bytes")
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=False)
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` as an IDX file, gzipped when ``path`` ends in ``.gz``."""
-    array = np.asarray(array)
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
-    code = codes.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise DataError(f"IDX cannot store dtype {array.dtype}")
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    payload = header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
-    path = Path(path)
-    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
-
-
-@lru_cache(maxsize=8)
-def _read_idx_cached(path: str, mtime_ns: int) -> np.ndarray:
-    # Decompressing Fashion-MNIST takes a fraction of a second; train/val/test loads share it.
-    array = read_idx(path)
-    array.flags.writeable = False
-    return array
-
-
-def _idx(path: Path) -> np.ndarray:
-    return _read_idx_cached(str(path), path.stat().st_mtime_ns)
-
-
-_IDX_NAME = re.compile(r"^(?P<prefix>.+?)[-.](?P<kind>images[-.]idx3|labels[-.]idx1)[-.]ubyte(?:\.gz)?$")
-
-
-def _idx_pairs(folder: Path) -> dict[str, tuple[Path, Path]]:
-    """``prefix -> (images file, labels file)`` for the IDX pairs in ``folder``."""
-    found: dict[str, dict[str, Path]] = {}
-    for entry in sorted(folder.iterdir()):
-        match = _IDX_NAME.match(entry.name)
-        if match and entry.is_file():
-            kind = "images" if match["kind"].startswith("images") else "labels"
-            # Prefer the plain file when both plain and .gz exist (no decompression).
-            found.setdefault(match["prefix"], {}).setdefault(kind, entry)
-    return {p: (f["images"], f["labels"]) for p, f in found.items() if len(f) == 2}
+# ---------------------------------------------------------------------------------------- IDX pools
 
 
 def _idx_pool(pair: tuple[Path, Path], name: str = "all") -> _Pool:
     """One IDX images + labels pair as a pool of uint8 ``(N, C, H, W)`` images and int64 labels."""
     images_file, labels_file = pair
-    images = _idx(images_file)
-    labels = _idx(labels_file)
+    images = read_idx_cached(images_file)
+    labels = read_idx_cached(labels_file)
     if images.ndim == 3:
         images = images[:, None]  # (N, H, W) grey -> (N, 1, H, W)
     elif images.ndim == 4 and images.shape[-1] in (1, 3):
@@ -297,7 +215,7 @@ class _Source:
 
 def _idx_source(location: Path, what: str, hint: str) -> _Source:
     if location.is_dir():
-        pairs = _idx_pairs(location)
+        pairs = idx_pairs(location)
         if not pairs:
             raise DataError(
                 f"{what}: no *-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz] pair in {location}; {hint}"
@@ -313,7 +231,7 @@ def _idx_source(location: Path, what: str, hint: str) -> _Source:
                 f"name one as idx:{location}/PREFIX"
             )
     else:
-        pairs = _idx_pairs(location.parent) if location.parent.is_dir() else {}
+        pairs = idx_pairs(location.parent) if location.parent.is_dir() else {}
         if location.name not in pairs:
             raise DataError(
                 f"{what}: no {location}-images-idx3-ubyte[.gz] + {location}-labels-idx1-ubyte[.gz]; {hint}"
@@ -330,7 +248,7 @@ def _fashion_mnist_source() -> _Source:
     env = os.environ.get("SURGERY_FASHION_MNIST")
     if env:
         folder = Path(env).expanduser()
-        if not folder.is_dir() or not {"train", "t10k"} <= set(_idx_pairs(folder)):
+        if not folder.is_dir() or not {"train", "t10k"} <= set(idx_pairs(folder)):
             raise DataError(
                 f"SURGERY_FASHION_MNIST={env} does not hold Fashion-MNIST's train-* and t10k-* IDX files; "
                 f"{FASHION_MNIST_HINT}"
@@ -342,7 +260,7 @@ def _fashion_mnist_source() -> _Source:
         if data_root:
             candidates.insert(0, Path(data_root).expanduser() / "fashion-mnist")
     for folder in candidates:
-        if folder.is_dir() and {"train", "t10k"} <= set(_idx_pairs(folder)):
+        if folder.is_dir() and {"train", "t10k"} <= set(idx_pairs(folder)):
             source = _idx_source(folder, "fashion-mnist", FASHION_MNIST_HINT)
             source.classes = list(FASHION_MNIST_CLASSES)
             return source
@@ -416,7 +334,7 @@ def _load_source(spec: DataSpec, root: str | os.PathLike | None, download: bool)
         return _idx_source(path, spec.text, "check the path")
     if not path.exists():
         raise DataError(f"data path {path} not found: give an image folder, an IDX folder, or a name (digits, ...)")
-    if path.is_dir() and _idx_pairs(path) and not any(p.is_dir() for p in path.iterdir()):
+    if path.is_dir() and idx_pairs(path) and not any(p.is_dir() for p in path.iterdir()):
         return _idx_source(path, spec.text, "check the path")
     if not path.is_dir():
         raise DataError(f"data path {path} is a file: give a folder, or idx:PREFIX for IDX files")
@@ -685,94 +603,7 @@ class ImageDataset(Dataset):
                 f"n={len(self)}, classes={self.num_classes}, image={shape})")
 
 
-# ---------------------------------------------------------------------------------------- transforms
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BatchTransform:
-    """uint8 or [0, 1] float ``(B, C, H, W)`` batch -> normalised float32 ``(B, C', S, S')`` batch.
-
-    Grey images are repeated to 3 channels (RGB to grey uses ITU-R 601 luma weights when the model
-    wants 1), the whole batch is resized with one ``F.interpolate`` call (antialiased when
-    shrinking), then normalised with the model's mean and std. Picklable, so loader workers can run it.
-    """
-
-    def __init__(self, input_size: tuple[int, int, int], mean: Sequence[float], std: Sequence[float],
-                 interpolation: str = "bilinear"):
-        self.input_size = tuple(int(s) for s in input_size)
-        channels = self.input_size[0]
-        if len(mean) != channels or len(std) != channels:
-            raise DataError(f"mean/std need {channels} values for input size {self.input_size}")
-        if interpolation not in ("nearest", "bilinear", "bicubic", "area"):
-            raise DataError(f"unknown interpolation {interpolation!r}: use bilinear, bicubic, nearest or area")
-        self.interpolation = interpolation
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim == 3:
-            return self(images.unsqueeze(0)).squeeze(0)
-        x = images.to(torch.float32).mul_(1.0 / 255.0) if images.dtype == torch.uint8 else images.float()
-        channels, height, width = self.input_size
-        if x.shape[1] not in (channels, 1) and not (x.shape[1] == 3 and channels == 1):
-            raise DataError(f"cannot turn {x.shape[1]}-channel images into {channels} channels")
-        if x.shape[-2:] != (height, width):
-            # Resize before repeating grey channels: a third of the work.
-            kwargs: dict[str, Any] = {}
-            if self.interpolation in ("bilinear", "bicubic"):
-                # Antialias only matters when shrinking; it avoids aliasing of large photos.
-                kwargs = {"align_corners": False, "antialias": x.shape[-2] > height or x.shape[-1] > width}
-            x = F.interpolate(x, size=(height, width), mode=self.interpolation, **kwargs)
-            if self.interpolation == "bicubic":
-                x = x.clamp_(0.0, 1.0)  # bicubic overshoots
-        if x.shape[1] == 3 and channels == 1:
-            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        # Broadcasting a 1-channel batch against 3-channel mean/std repeats the grey channel for free.
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-    def __repr__(self) -> str:
-        return (f"BatchTransform(input_size={self.input_size}, mean={self.mean.flatten().tolist()}, "
-                f"std={self.std.flatten().tolist()}, interpolation={self.interpolation!r})")
-
-
-def make_transform(input_size: int | Sequence[int] = 224, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None, interpolation: str = "bilinear") -> BatchTransform:
-    """Build a batched transform to a model's input size and normalisation.
-
-    Args:
-        input_size: ``S``, ``(H, W)`` or timm's ``(C, H, W)``; channels default to ``len(mean)``.
-        mean: per-channel mean (timm data config ``mean``); ``None``: ImageNet's.
-        std: per-channel std (timm data config ``std``); ``None``: ImageNet's.
-        interpolation: ``"bilinear"`` (default), ``"bicubic"``, ``"nearest"`` or ``"area"``.
-
-    Returns:
-        A :class:`BatchTransform`.
-    """
-    mean = tuple(IMAGENET_MEAN if mean is None else mean)
-    std = tuple(IMAGENET_STD if std is None else std)
-    if isinstance(input_size, int):
-        size = (len(mean), input_size, input_size)
-    elif len(input_size) == 2:
-        size = (len(mean), *input_size)
-    elif len(input_size) == 3:
-        size = tuple(input_size)
-    else:
-        raise DataError(f"input_size must be S, (H, W) or (C, H, W), got {input_size}")
-    return BatchTransform(size, mean, std, interpolation)
-
-
-def transform_for_model(model: torch.nn.Module) -> BatchTransform:
-    """:func:`make_transform` from the model's timm data config (input size, mean, std, interpolation)."""
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config({}, model=model)
-    interpolation = config.get("interpolation", "bilinear")
-    if interpolation not in ("nearest", "bilinear", "bicubic", "area"):
-        interpolation = "bilinear"  # e.g. "random" for training configs
-    return make_transform(config["input_size"], config["mean"], config["std"], interpolation)
-
+# ---------------------------------------------------------------------------------------- loaders
 
 def _fit_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize the shorter side then centre-crop, keeping a photo's aspect ratio (uint8 in, uint8 out)."""
