@@ -73,6 +73,7 @@ def test_parse_spec_options_and_separators():
         ("digits:per_class=ten", "per_class"),
         ("digits:classes=", "classes"),
         ("digits:per_class=3;per_class=4", "per_class"),
+        ("digits:train_per_class=0", "train_per_class"),
         ("", "empty"),
     ],
 )
@@ -152,6 +153,20 @@ def test_classes_and_per_class_relabel():
     # Same selection by names; the per-class choice does not depend on the seed.
     again = load_splits("digits:per_class=20;classes=3,4,5", seed=2)
     assert ids(again["train"]) | ids(again["val"]) == ids(train) | ids(val)
+
+
+def test_train_per_class_caps_only_the_train_split():
+    full = load_splits("digits", seed=3)
+    few = load_splits("digits:train_per_class=5", seed=3)
+    assert torch.bincount(few["train"].labels, minlength=10).tolist() == [5] * 10
+    assert ids(few["train"]) <= ids(full["train"])  # drawn from the same train split
+    # val and test are exactly the uncapped ones, so accuracies are comparable with the full-data run
+    for split in ("val", "test"):
+        assert torch.equal(few[split].sample_ids, full[split].sample_ids)
+        assert torch.equal(few[split].labels, full[split].labels)
+    # which labelled images a run gets follows its seed
+    assert ids(load_splits("digits:train_per_class=5", seed=4)["train"]) != ids(few["train"])
+    assert ids(load_splits("digits:train_per_class=5", seed=3)["train"]) == ids(few["train"])
 
 
 # ---------------------------------------------------------------------------------------- IDX

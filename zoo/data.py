@@ -13,6 +13,8 @@ A *data spec* names a source and, after a colon, optional options::
     options:  classes=LIST      keep these classes, relabelled 0..C-1 in ascending original order;
                                 LIST items are class names, ids or id ranges: 0-4 | 0,2,5 | Coat,Bag
               per_class=N       at most N images per class in each pool (fixed choice, seed-independent)
+              train_per_class=N at most N images per class in the train split only (few-label
+                                transfer; drawn with the split's seed; val and test untouched)
 
 Options are separated by ``;`` or ``,`` (an item holding ``=`` starts a new option, any other item
 continues the previous option's list), so ``fashion-mnist:classes=0,2,5,per_class=100`` and
@@ -81,7 +83,7 @@ TEST_FRACTION = 0.2
 _TEST_SPLIT_SEED = 20_231_109
 _PER_CLASS_SEED = 7_919
 _NAMED_SOURCES = ("fashion-mnist", "digits", "cifar10", "cifar100")
-_OPTIONS = ("classes", "per_class")
+_OPTIONS = ("classes", "per_class", "train_per_class")
 _SPLITS = ("train", "val", "test")
 
 # ---------------------------------------------------------------------------------------- specs
@@ -96,6 +98,7 @@ class DataSpec:
         path: the folder or IDX prefix for ``"idx"``/``"folder"``, else ``None``.
         classes: class tokens (names, ids or ``a-b`` ranges) as written, or ``None`` for all classes.
         per_class: cap on images per class in each pool, or ``None``.
+        train_per_class: cap on images per class in the train split only, or ``None``.
         text: the spec as given.
     """
 
@@ -103,6 +106,7 @@ class DataSpec:
     path: str | None = None
     classes: tuple[str, ...] | None = None
     per_class: int | None = None
+    train_per_class: int | None = None
     text: str = ""
 
 
@@ -115,7 +119,8 @@ def _parse_options(options: str, spec: str) -> dict[str, list[str]]:
         if "=" in item:
             key, value = (s.strip() for s in item.split("=", 1))
             if key not in _OPTIONS:
-                raise DataError(f"bad data option {item!r} in {spec!r}: known options are classes=, per_class=")
+                raise DataError(f"bad data option {item!r} in {spec!r}: known options are classes=, per_class=, "
+                                "train_per_class=")
             if key in parsed:
                 raise DataError(f"data option {key!r} given twice in {spec!r}")
             current = key
@@ -162,13 +167,15 @@ def parse_spec(spec: str | os.PathLike) -> DataSpec:
         if not parsed["classes"]:
             raise DataError(f"data option classes= in {text!r} lists no class")
         classes = tuple(parsed["classes"])
-    per_class = None
-    if "per_class" in parsed:
-        values = parsed["per_class"]
-        if len(values) != 1 or not values[0].isdigit() or int(values[0]) < 1:
-            raise DataError(f"data option per_class={','.join(values)} in {text!r}: expected a positive integer")
-        per_class = int(values[0])
-    return DataSpec(kind=kind, path=path, classes=classes, per_class=per_class, text=text)
+    caps: dict[str, int | None] = {}
+    for key in ("per_class", "train_per_class"):
+        caps[key] = None
+        if key in parsed:
+            values = parsed[key]
+            if len(values) != 1 or not values[0].isdigit() or int(values[0]) < 1:
+                raise DataError(f"data option {key}={','.join(values)} in {text!r}: expected a positive integer")
+            caps[key] = int(values[0])
+    return DataSpec(kind=kind, path=path, classes=classes, text=text, **caps)
 
 
 # ---------------------------------------------------------------------------------------- IDX pools
@@ -460,10 +467,14 @@ def load_splits(
     dev_idx, dev_labels = _filter_pool(source.dev, dev_keep, class_ids, len(source.classes), parsed.per_class)
     if len(dev_idx) == 0:
         raise DataError(f"{parsed.text!r} selects no training samples")
-    is_val = _stratified_holdout(dev_labels, val_fraction, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    is_val = _stratified_holdout(dev_labels, val_fraction, rng)
+    train_idx, train_labels = dev_idx[~is_val], dev_labels[~is_val]
+    if parsed.train_per_class is not None:  # few labels: cap the train split only, after val is drawn
+        keep = _rank_within_class(train_labels, rng) < parsed.train_per_class
+        train_idx, train_labels = train_idx[keep], train_labels[keep]
     return {
-        "train": _dataset(source, source.dev, dev_idx[~is_val], dev_labels[~is_val], class_ids,
-                          {**base, "split": "train"}),
+        "train": _dataset(source, source.dev, train_idx, train_labels, class_ids, {**base, "split": "train"}),
         "val": _dataset(source, source.dev, dev_idx[is_val], dev_labels[is_val], class_ids, {**base, "split": "val"}),
         "test": _dataset(source, test_pool, test_idx, test_labels, class_ids, {**base, "split": "test"}),
     }
