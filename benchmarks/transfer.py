@@ -75,6 +75,18 @@ METHODS = ("reassembled", "best single", "scratch", "random chain", "random part
 TARGET_SAMPLES = 256  # reassemble()'s default: images for stitches, head and proxies
 
 
+def describe_target() -> str:
+    """One phrase on the target data for the report."""
+    from zoo.data import parse_spec
+
+    spec = parse_spec(TARGET)
+    text = ("scikit-learn digits, 10 classes, 8x8 upsampled to 32x32; no zoo model saw it" if spec.kind == "digits"
+            else f"{spec.kind}")
+    if spec.train_per_class is not None:
+        text += f"; at most {spec.train_per_class} labelled training images per class, val and test untouched"
+    return text
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -283,13 +295,14 @@ def random_chain(src, part, budget_macs: int, rng: np.random.Generator, tries: i
 # ------------------------------------------------------------------------------------------ run
 
 
-def _finetune_job(folder: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
-    """One fine-tuning, in a worker process (module level so that it pickles)."""
+def _finetune_job(folder: str, seed: int, epochs: int, threads: int, target: str) -> dict[str, Any]:
+    """One fine-tuning, in a worker process (module level so that it pickles; spawned workers do not
+    see ``--target``'s change of the module global, hence the argument)."""
     torch.set_num_threads(threads)
     from surgery.finetune import finetune_model_dir
 
     t0 = time.perf_counter()
-    ft = finetune_model_dir(folder, TARGET, epochs=epochs, seed=seed, quiet=True)
+    ft = finetune_model_dir(folder, target, epochs=epochs, seed=seed, quiet=True)
     return {"val": ft["last_val_acc"], "best_val": ft["best_val_acc"], "test": ft["test_top1"],
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -328,7 +341,7 @@ class Runner:
             log(f"    reusing the fine-tuning of {folder.relative_to(self.run_dir)} from an interrupted run")
         if key not in self.futures:
             self.folders[key] = folder
-            fut = self.pool.submit(_finetune_job, str(folder), seed, self.epochs, self.threads)
+            fut = self.pool.submit(_finetune_job, str(folder), seed, self.epochs, self.threads, TARGET)
             fut.add_done_callback(lambda f, k=key: self._done(k, f))
             self.futures[key] = fut
         return key
@@ -658,8 +671,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
     lines = [
         "# Transfer benchmark: reassembled vs honest alternatives",
         "",
-        f"Written by `benchmarks/transfer.py` ({data['date']}). Target `{TARGET}` (scikit-learn digits, "
-        f"10 classes, 8x8 upsampled to 32x32; no zoo model saw it), zoo `{data['zoo']}` "
+        f"Written by `benchmarks/transfer.py` ({data['date']}). Target `{TARGET}` ({describe_target()}), "
+        f"zoo `{data['zoo']}` "
         f"({len(data['models'])} models), K = {data['stages']} stages, similarity on {data['samples']} "
         f"{PROBE} images. Seeds {data['seeds']}: each seed changes the train/val split, the "
         f"{TARGET_SAMPLES} target images stitches/heads/proxies see, the random draws and the fine-tuning; "
@@ -771,12 +784,15 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global TARGET  # --target: read by the helpers below (and passed explicitly to worker processes)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=float, nargs="+", default=None,
                     help="GFLOPs budgets (default: two, between consecutive zoo models' MACs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs for every model (default 8; quick 1)")
+    ap.add_argument("--target", default=TARGET,
+                    help="target data spec (default digits; e.g. digits:train_per_class=10 for few labels)")
     ap.add_argument("--stages", type=int, default=3, help="K equivalence sets")
     ap.add_argument("--top", type=int, default=3, help="chains solved for and re-ranked per reassembly")
     ap.add_argument("--extra-top", type=int, default=None,
@@ -791,6 +807,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default ~/.cache/surgery/transfer-bench)")
     ap.add_argument("--out", type=Path, default=None, help="where transfer.md/png go (default benchmarks/results)")
     args = ap.parse_args(argv)
+    TARGET = args.target
     quick = args.quick
     args.seeds = args.seeds if args.seeds is not None else ([0, 1] if quick else [0, 1, 2])
     args.epochs = args.epochs if args.epochs is not None else (1 if quick else 8)
