@@ -675,7 +675,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         f"zoo `{data['zoo']}` "
         f"({len(data['models'])} models), K = {data['stages']} stages, similarity on {data['samples']} "
         f"{PROBE} images. Seeds {data['seeds']}: each seed changes the train/val split, the "
-        f"{TARGET_SAMPLES} target images stitches/heads/proxies see, the random draws and the fine-tuning; "
+        f"{TARGET_SAMPLES} target images (at most: the train split may be smaller) stitches/heads/proxies "
+        "see, the random draws and the fine-tuning; "
         "the test split is fixed.",
         "",
         f"Recipe, identical for every model: `finetune_model_dir(epochs={data['epochs']}, batch_size=64, "
@@ -739,7 +740,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         f"Candidates: the pretrained models fine-tuned in a seed (reassembled picks, random chains, "
         f"random-partition picks, single zoo models within the larger budget) plus, on seed {seeds_out[0]['seed']}, "
         f"the next {data['extra_top']} chains of each budget's top-{data['top']}. Proxies are computed on the built "
-        f"models (stitches and head fitted, before fine-tuning) on {TARGET_SAMPLES} target images; `params` "
+        f"models (stitches and head fitted, before fine-tuning) on up to {TARGET_SAMPLES} labelled training "
+        "images; `params` "
         "is the parameter-count baseline (more = better). First columns: seed "
         f"{seeds_out[0]['seed']} ({n_first} candidates); last columns: mean ± std of the per-seed tau "
         f"({', '.join(map(str, n_per_seed))} candidates).", "",
