@@ -34,31 +34,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from random_zoo import zoo_entries  # noqa: E402
 
 from surgery.equivalence import run_partition  # noqa: E402
 from surgery.library import dissect_zoo  # noqa: E402
 from surgery.reassembly import reassemble  # noqa: E402
 from surgery.similarity import compute_similarity  # noqa: E402
 from surgery.workspace import Workspace  # noqa: E402
-from zoo.entries import ZooEntry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "assembly.md"
 DEFAULT_MODELS = ("resnet18,mobilenetv3_large_100,efficientnet_b0,convnext_atto,"
                   "vit_tiny_patch16_224,deit_tiny_patch16_224")
 SECTION = "## End to end"
-
-
-def zoo_entries(names: list[str], size: int) -> list[ZooEntry]:
-    """Random-init entries at ``size`` px (ViT-style models get ``img_size`` so their grid matches)."""
-    entries = []
-    for n in names:
-        if size == 224:
-            entries.append(ZooEntry(name=n, random_init=True))
-        elif any(k in n for k in ("vit", "deit", "swin", "beit", "eva")):
-            entries.append(ZooEntry(name=n, random_init=True, model_kwargs={"img_size": size}))
-        else:
-            entries.append(ZooEntry(name=n, random_init=True, input_size=(3, size, size)))
-    return entries
 
 
 def write_section(path: Path, body: list[str]) -> None:

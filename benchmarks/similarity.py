@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from random_zoo import zoo_entries  # noqa: E402
 
 import surgery.features as features_mod  # noqa: E402
 import surgery.similarity as sim_mod  # noqa: E402
@@ -118,19 +119,6 @@ def active():
 
 
 # ------------------------------------------------------------------------------ zoo
-
-
-def zoo_entries(names: list[str], size: int) -> list[ZooEntry]:
-    """Random-init entries at ``size`` px (ViT-style models get ``img_size`` so their grid matches)."""
-    entries = []
-    for n in names:
-        if size == 224:
-            entries.append(ZooEntry(name=n, random_init=True))
-        elif any(k in n for k in ("vit", "deit", "swin", "beit", "eva")):
-            entries.append(ZooEntry(name=n, random_init=True, model_kwargs={"img_size": size}))
-        else:
-            entries.append(ZooEntry(name=n, random_init=True, input_size=(3, size, size)))
-    return entries
 
 
 def make_workspace(root: Path, names: list[str], size: int) -> Workspace:
