@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -46,6 +45,7 @@ import torch
 from surgery.count import count_macs, count_params
 from surgery.errors import SurgeryError
 from surgery.train import TrainConfig, evaluate, train
+from surgery.workspace import atomic_path
 from zoo.data import ImageDataset, load_splits, make_loader, make_transform
 from zoo.entries import ZooEntry, build_model, data_config, save_weights, save_zoo_file
 from zoo.mini import MINI_INPUT_SIZE, MINI_INTERPOLATION, MINI_ZOO, MiniSpec, spec_hash
@@ -123,16 +123,10 @@ def _sha256(path: Path) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+    """Write via a temporary file and a rename (``atomic_path``), so readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_average() -> float | None:

@@ -8,6 +8,8 @@ accuracy, and the table names the contenders.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import run_cli
 from rich.console import Console
@@ -54,7 +56,7 @@ def test_quick_summary_table_says_its_accuracies_mean_nothing():
 def test_quick_demo_writes_a_coherent_summary(tmp_path):
     out = tmp_path / "demo"
     summary = run_cli("demo", "--quick", "--out", str(out), "--json", "--epochs", "1", timeout=900).json()
-    assert summary == __import__("json").loads((out / "demo.json").read_text())
+    assert summary == json.loads((out / "demo.json").read_text())
     budget = summary["budget_gflops"] * 1e9
     rows = summary["rows"]
     assert rows[0]["method"] == "reassembled" and len(rows) >= 2
