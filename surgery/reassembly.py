@@ -49,6 +49,8 @@ from surgery.stitch import fit_linear_head, fit_stitch, make_head, stitch_cost
 from surgery.workspace import Workspace
 
 DEFAULT_PROBE = "fashion-mnist"
+# Native activations kept across the chains of one reassembly run (see build_chain).
+ACTIVATION_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -381,15 +383,20 @@ def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain
     """Build a chain from pretrained blocks, fit its stitches (ridge) and its head (closed form).
 
     ``activations`` caches native cut-point activations across the chains of one run, so a junction
-    shared by several top-N chains runs its models' prefixes once.
+    shared by several top-N chains runs its models' prefixes once (up to :data:`ACTIVATION_CACHE_BYTES`).
     """
     activations = {} if activations is None else activations
 
     def native(model_name: str, node: str | None) -> torch.Tensor:
         key = (model_name, node)
-        if key not in activations:
-            activations[key] = _activation(models[model_name], dissections[model_name], node, inputs[model_name])
-        return activations[key]
+        if key in activations:
+            return activations[key]
+        out = _activation(models[model_name], dissections[model_name], node, inputs[model_name])
+        # early cut points of 224 px models are hundreds of MiB at 256 images: stop caching at a cap
+        held = sum(t.numel() * t.element_size() for t in activations.values())
+        if held + out.numel() * out.element_size() <= ACTIVATION_CACHE_BYTES:
+            activations[key] = out
+        return out
 
     project = []
     for k in range(1, len(chain)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -55,3 +56,34 @@ def test_stitched_chain_runs_and_saves(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
     assert isinstance(surgery.load, type(load)) or callable(surgery.load)
+
+
+def test_activation_cache_is_reused_capped_and_changes_nothing(monkeypatch):
+    import surgery.reassembly as R
+
+    a = timm.create_model("test_resnet", pretrained=False).eval()
+    b = timm.create_model("test_vit", pretrained=False).eval()
+    models = {"test_resnet": a, "test_vit": b}
+    dissections = {n: dissect(m, (3, 160, 160), name=n) for n, m in models.items()}
+    pa, pb = _plans("test_resnet", a), _plans("test_vit", b)
+    chain = [pa[0], pb[1], pb[2]]
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 160, 160)
+    inputs, labels = {"test_resnet": x, "test_vit": x}, torch.arange(8) % 4
+
+    def built(cache):
+        torch.manual_seed(1)
+        model = R.build_chain(models, dissections, chain, inputs, labels, 4, cache)
+        with torch.no_grad():
+            return model(x)
+
+    cache: dict = {}
+    first = built(cache)
+    assert set(cache) == {("test_resnet", pa[0].end), ("test_vit", pb[1].start)}
+    monkeypatch.setattr(R, "_activation", lambda *args: pytest.fail("a cached activation was recomputed"))
+    torch.testing.assert_close(built(cache), first, rtol=0, atol=0)  # served from the cache
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "ACTIVATION_CACHE_BYTES", 0)
+    capped: dict = {}
+    torch.testing.assert_close(built(capped), first, rtol=0, atol=0)
+    assert capped == {}
