@@ -17,6 +17,8 @@ Public API (imported lazily, so ``import surgery`` stays cheap)::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,26 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+
+class _PackageModule(types.ModuleType):
+    """The package's module type: public names win over same-named submodules.
+
+    Importing a submodule binds it as an attribute of its package (``import surgery.cka`` sets
+    ``surgery.cka`` to the module), which would shadow the public function of the same name for the
+    rest of the process: ``surgery.cka(x, y)`` raised "'module' object is not callable" once anything
+    had imported ``surgery.cka``. Such bindings are dropped here; the submodule stays importable by
+    its dotted path (``from surgery.cka import StreamingCKA``) through ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if (name in _LAZY and isinstance(value, types.ModuleType)
+                and value.__name__ == f"{__name__}.{name}"):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PackageModule
 
 
 def __getattr__(name: str):
