@@ -30,6 +30,13 @@ Usage::
     .venv/bin/python benchmarks/dissect_coverage.py                            # whole registry
     .venv/bin/python benchmarks/dissect_coverage.py --filter 'resnet*' --out /tmp/cov
     .venv/bin/python benchmarks/dissect_coverage.py --report-only              # rewrite the markdown
+    .venv/bin/python benchmarks/dissect_coverage.py --shard 0/4 --out /tmp/cov0  # machine 1 of 4, etc.
+
+Every record carries the code version it was measured with (``git describe --always --dirty`` of this
+checkout); records from another version are re-run unless ``--keep-old`` is given, so a report never
+mixes code versions silently. ``--shard K/N`` takes every N-th model of the shuffled list starting at K
+(several machines, or several sessions, each resumable; ``--report-only --out`` on a folder holding the
+concatenated JSONL files reports the union).
 
 The registry is shuffled with ``--seed`` and ``--sample N`` takes the first N, so a bigger N with the same
 seed extends a smaller sample. One progress line per model is printed as it finishes.
@@ -294,6 +301,30 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     return list(records.values())
 
 
+def code_version() -> str:
+    """``git describe --always --dirty`` of this checkout ('unknown' outside git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must look like K/N (e.g. 0/4), not {text!r}") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def select_models(args) -> tuple[list[str], int]:
     import timm
 
@@ -302,7 +333,8 @@ def select_models(args) -> tuple[list[str], int]:
     random.Random(args.seed).shuffle(names)
     if args.sample:
         names = names[: args.sample]
-    return names, len(registry)
+    k, n = _shard(args.shard)
+    return names[k::n], len(registry)
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -317,6 +349,16 @@ def _normalise(detail: str) -> str:
     s = re.sub(r"\b\d+(\.\d+)?(e[-+]?\d+)?\b", "N", s)
     s = re.sub(r"<[^>]*>", "<…>", s)
     return s[:140] + ("…" if len(s) > 140 else "")
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> str:
+    """``k/n`` with its 95% Wilson score interval: the models run are a seeded random sample of the registry."""
+    if n == 0:
+        return "n/a"
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return f"{100 * p:.1f}% ({100 * (centre - half):.1f}-{100 * (centre + half):.1f}%)"
 
 
 def _fmt_mib(v: float) -> str:
@@ -362,6 +404,9 @@ def write_report(records: list[dict[str, Any]], path: Path, registry_size: int, 
         "|---|---|",
         f"| models measured | {n} of {registry_size} in `timm.list_models()` ({100 * n / registry_size:.1f}%) |",
         f"| of the current selection | {len(set(selected) & {r['model'] for r in records})} of {len(selected)} |",
+        f"| code versions measured (`git describe`) | "
+        f"{', '.join(f'{v}: {c}' for v, c in Counter(r.get('code', 'unrecorded') for r in records).most_common())} |",
+        f"| success (verified or structure-only), 95% Wilson interval | {_wilson(ok + so, n)} |",
         f"| **dissected and verified (>= {MIN_BLOCKS} blocks, chain invariant holds)** | **{ok} ({pct(ok)})** |",
         f"| dissected structure-only (> {args.max_params / 1e6:.0f}M params, meta, not verified) | {so} ({pct(so)}) |",
         f"| success incl. structure-only | {ok + so} ({pct(ok + so)}) |",
@@ -443,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-params", type=float, default=200e6, help="above: structure-only on meta (200e6)")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="kill a model above this RSS (12)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the markdown from the JSONL")
+    p.add_argument("--shard", default=None, help="K/N: run every N-th selected model from K (several machines)")
+    p.add_argument("--keep-old", action="store_true",
+                   help="count records measured with another code version as done (default: re-run them)")
     args = p.parse_args(argv)
     if args.threads <= 0:
         args.threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
@@ -451,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     report = args.out / f"{STEM}.md"
     args.out.mkdir(parents=True, exist_ok=True)
     names, registry_size = select_models(args)
-    done = {r["model"] for r in load_records(jsonl)}
+    version = code_version()
+    done = {r["model"] for r in load_records(jsonl) if args.keep_old or r.get("code") == version}
     todo = [m for m in names if m not in done]
     print(f"{len(names)} selected, {len(names) - len(todo)} already in {jsonl}, {len(todo)} to run "
           f"(workers={args.workers}, threads={args.threads}, timeout={args.timeout:g}s)", flush=True)
@@ -467,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             if _STOP.is_set():
                 return
             rec = supervise(ctx, name, args)
+            rec["code"] = version
             with lock:
                 if _STOP.is_set():
                     return  # killed by the interruption: not a data point
