@@ -21,6 +21,14 @@ Provenance and definitions (formulas from ``research/ecosystem.md`` §3; the cod
 :class:`StreamingCKA` computes all pairs of many feature sets (the cut points of several models) at
 once: per batch one Gram per feature set, and every pairwise ``HSIC_1`` term as matrix products of
 the flattened Grams (``tr(K~ L~) = <K~, L~>_F``, ``1ᵀK~L~1 = (K~1)·(L~1)``). Everything is float64.
+
+Centring. Features are centred (column means of the batch subtracted, in float64) before any Gram
+is built. Both estimators are *exactly* invariant to a per-batch shift ``X -> X + 1 mᵀ``: it changes
+``K_ij`` by ``a_i + a_j + c``, which the U-centring of HSIC_1 (and the double centring ``H K H`` of
+HSIC_0) removes identically. So centring each minibatch by its own mean leaves every per-batch term,
+and hence the streaming sum, unchanged in exact arithmetic, while in floating point it removes the
+cancellation that made uncentred Grams of features with a large common offset (e.g. 150 on every
+dimension, or one channel at 1e3) lose all their digits and return NaN.
 """
 
 from __future__ import annotations
@@ -62,6 +70,25 @@ def _as_float64_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     elif t.ndim > 2:
         t = t.reshape(t.shape[0], -1)
     return t.to(torch.float64)
+
+
+# A column whose centred values are within this many ulps of its magnitude is constant over the
+# batch up to the rounding of its mean; it is set to exactly zero so that a constant feature set is
+# recognised as one (NaN CKA) instead of measuring rounding noise.
+_CONSTANT_ULPS = 64
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """Subtract the ``(n, d)`` float64 matrix's column means; columns constant up to rounding become 0.
+
+    Exact for CKA: both HSIC estimators are invariant to a per-batch shift (module docstring).
+    """
+    xc = x - x.mean(dim=0, keepdim=True)
+    if xc.numel() == 0:
+        return xc
+    size = x.abs().amax(dim=0)
+    constant = xc.abs().amax(dim=0) <= _CONSTANT_ULPS * torch.finfo(torch.float64).eps * size
+    return xc.masked_fill(constant, 0.0)
 
 
 def _min_samples(estimator: str) -> int:
@@ -238,6 +265,7 @@ def cka(
     if y64.shape[0] != n:
         raise CKAInputError(f"x and y must have the same number of samples, got {n} and {y64.shape[0]}")
     _check_n(n, estimator)
+    x64, y64 = _centre(x64), _centre(y64)
     if form == "auto":
         d1, d2 = x64.shape[1], y64.shape[1]
         # Feature form: ~n·(d1·d2 + d1² + d2²) multiply-adds; Gram form: ~n²·(d1 + d2) + 3n².
@@ -325,6 +353,9 @@ class StreamingCKA:
             )
         n = sizes.pop()
         _check_n(n, self.estimator)
+        # Centre each set by this batch's own mean: exact for both estimators (module docstring),
+        # and without it a large common offset cancels every digit of the HSIC terms.
+        mats = [_centre(m) for m in mats]
 
         # One Gram per feature set: (P, n, n). Sets of equal width are stacked and multiplied in one
         # batched matmul (a zoo has only a few distinct widths), which avoids hundreds of tiny

@@ -224,3 +224,79 @@ def test_block_similarity_sums_input_and_output_similarity():
     assert block_similarity(0.25, 0.5) == 0.75
     a = np.array([[1.0, 0.2], [0.2, 1.0]])
     np.testing.assert_allclose(block_similarity(a, a.T), 2 * a)
+
+
+# ---------------------------------------------------------------- offsets and scales (issue 9)
+
+
+def offset_input():
+    """The issue's input: 200 x 64 unit-variance float32 features (torch seed 7), y = x + noise."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 64, generator=g)
+    return x, x + 0.5 * torch.randn(200, 64, generator=g)
+
+
+def test_common_offset_of_150_gives_the_offset_free_cka():
+    x, y = offset_input()
+    free = cka(x, y)  # about 0.797 on this input
+    assert np.isfinite(free)
+    xo, yo = x + 150.0, y + 150.0  # float32: the offset input is rounded to 1.5e-5 at 150
+    # The exact answer on the rounded numbers, and the offset-free one up to that rounding.
+    expected = ref_cka(xo.double().numpy() - 150.0, yo.double().numpy() - 150.0)
+    for form in ("gram", "feature"):
+        got = cka(xo, yo, form=form)
+        assert got == pytest.approx(expected, rel=1e-9)
+        assert got == pytest.approx(free, abs=1e-4)
+    acc = StreamingCKA()
+    acc.update([xo, yo])
+    assert acc.compute()[0, 1] == pytest.approx(expected, rel=1e-9)
+
+
+SHIFTS = {
+    "common 150": lambda a: a + 150.0,
+    "common 1e6": lambda a: a + 1e6,
+    "one channel 1e3": lambda a: a + np.eye(1, a.shape[1]) * 1e3,
+    "one channel 1e6": lambda a: a + np.eye(1, a.shape[1]) * 1e6,
+    "scale 1e6": lambda a: a * 1e6,
+    "scale 1e-6": lambda a: a * 1e-6,
+    "scale 1e-6, offset 1": lambda a: a * 1e-6 + 1.0,
+    "scale 1e6, offset 1e9": lambda a: a * 1e6 + 1e9,
+}
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("shift", list(SHIFTS))
+def test_offsets_and_scales_match_the_float64_reference(shift, estimator):
+    # float64 features: the shifted numbers keep the offset-free information, so every form must
+    # give the offset-free reference value (the reference itself sees unshifted data).
+    rng = np.random.default_rng(30)
+    x, y = correlated(rng, 120, 24, 40)
+    unbiased = estimator == "unbiased"
+    expected = ref_cka(x, y, unbiased)
+    f = SHIFTS[shift]
+    xs, ys = f(x), f(y)
+    for form in ("gram", "feature"):
+        assert cka(xs, ys, estimator, form=form) == pytest.approx(expected, rel=1e-9), form
+    # Streaming over minibatches equals the sum of per-batch reference HSICs of the unshifted data.
+    acc = StreamingCKA(estimator)
+    h = np.zeros((2, 2))
+    for i in range(0, 120, 40):
+        acc.update([torch.as_tensor(xs[i : i + 40]), torch.as_tensor(ys[i : i + 40])])
+        a, b = x[i : i + 40], y[i : i + 40]
+        h += [[ref_hsic(u, v, unbiased) for v in (a, b)] for u in (a, b)]
+    assert acc.compute()[0, 1] == pytest.approx(h[0, 1] / np.sqrt(h[0, 0] * h[1, 1]), rel=1e-9)
+
+
+def test_features_constant_up_to_rounding_stay_nan():
+    # A set that is constant in exact arithmetic but differs by an ulp here and there (as a dead
+    # network's outputs do after normalisation) has no variance: centring must not turn its
+    # rounding noise into a "similarity".
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((50, 6))
+    const = np.full((50, 3), [0.1, 1e3, 1e6])
+    flip = rng.random(const.shape) < 0.5
+    const[flip] = np.nextafter(const[flip], np.inf)
+    assert np.isnan(cka(x, const)) and np.isnan(cka(const, x, form="feature"))
+    acc = StreamingCKA()
+    acc.update([x, const])
+    assert np.isnan(acc.compute()[0, 1])
