@@ -42,6 +42,7 @@ error names the smallest achievable params and MACs instead of a solver status.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -56,6 +57,7 @@ from solvers.chains import (
     StagePairs,
     amount_text,
     brute_force,
+    check_budget,
     human_number,
     make_chain,
     min_cost_chain,
@@ -78,6 +80,13 @@ __all__ = [
 
 # Relative tolerance when re-checking a solver's chain against a float budget (latency tables).
 _FLOAT_BUDGET_RTOL = 1e-9
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- the program
@@ -128,7 +137,11 @@ class AssemblyProgram:
     ) -> None:
         self.stages = [list(s) for s in stages]
         self.pairs = list(pairs)
-        validate_instance(self.stages, self.pairs)
+        # Every number is checked before it reaches pulp: a NaN coefficient makes CBC fail with a
+        # traceback and HiGHS report no solution, so the error must name the number instead.
+        validate_instance(self.stages, self.pairs, (quality_weight, stitch_weight, param_penalty))
+        check_budget("max_params", max_params)
+        check_budget("max_macs", max_macs)
         self.max_params = max_params
         self.max_macs = max_macs
         self.weights = (float(quality_weight), float(stitch_weight), float(param_penalty))
@@ -287,17 +300,29 @@ class AssemblyProgram:
             stitch: Optional ``(n_k, n_{k+1})`` cost array per stage pair for the stitch layers.
             default: Cost of a block missing from ``table``; None makes a missing block an error,
                 since a silently free block would defeat the budget.
+
+        Raises:
+            SolverError: A block without a cost (and no ``default``), mis-shaped ``stitch`` arrays,
+                or a non-finite cost or ``limit`` (the message names the budget and the block).
         """
+        if not _finite(limit):
+            raise SolverError(f"budget {name!r}: limit must be a finite number, got {limit!r}")
         node = []
         for k, s in enumerate(self.stages):
             row = []
             for c in s:
                 if c.id in table:
-                    row.append(float(table[c.id]))
+                    cost = table[c.id]
                 elif default is not None:
-                    row.append(float(default))
+                    cost = default
                 else:
                     raise SolverError(f"budget {name!r}: no cost for block {c.id!r} (stage {k}); pass default=")
+                if not _finite(cost):
+                    raise SolverError(
+                        f"budget {name!r}: cost of block {c.id!r} (model {c.model!r}, stage {k}) is {cost!r}: "
+                        "costs must be finite"
+                    )
+                row.append(float(cost))
             node.append(np.array(row))
         edges = (
             [np.zeros(pr.params.shape) for pr in self.pairs]
@@ -308,6 +333,15 @@ class AssemblyProgram:
             e.shape != p.params.shape for e, p in zip(edges, self.pairs, strict=True)
         ):
             raise SolverError(f"budget {name!r}: stitch costs must be one array per stage pair, shaped like pairs")
+        for k, (e, pr) in enumerate(zip(edges, self.pairs, strict=True)):
+            bad = np.argwhere(pr.allowed & ~np.isfinite(e))
+            if bad.size:
+                i, j = (int(v) for v in bad[0])
+                raise SolverError(
+                    f"budget {name!r}: stitch cost {self.stages[k][i].id!r} -> {self.stages[k + 1][j].id!r} "
+                    f"(stage {k}) is {e[i, j]}: costs must be finite"
+                )
+            edges[k] = np.where(pr.allowed, e, 0.0)  # disallowed pairs have no variable
         expr = self._linear(lambda c: 0.0, edges)
         expr += pulp.LpAffineExpression(
             [(self._xv[k][i], node[k][i]) for k in range(len(node)) for i in range(len(node[k])) if node[k][i]]
@@ -324,7 +358,10 @@ class AssemblyProgram:
         ``program.problem`` itself (or called the methods above).
         """
         label = name or getattr(fn, "__name__", "constraint")
-        result = fn(self)
+        try:
+            result = fn(self)
+        except pulp.PulpError as e:  # e.g. pulp refusing a NaN/inf coefficient or right-hand side
+            raise SolverError(f"add_constraint({label}): {str(e).strip().splitlines()[0]}") from e
         if result is None:
             self._custom.append(f"add_constraint({label})")
             return
@@ -438,6 +475,7 @@ class AssemblyProgram:
         if top < 1:
             raise SolverError(f"top must be >= 1, got {top}")
         backend = self._solver(solver, None, threads, gap)  # fail early on an unavailable solver
+        self._check_finite_rows()
         self._check_budgets_dp()
         if self._unconstrained():
             qw, sw, pp = self.weights
@@ -498,6 +536,27 @@ class AssemblyProgram:
         err.min_params = min_params  # machine-readable copies of the numbers in the message
         err.min_macs = min_macs
         return err
+
+    def _check_finite_rows(self) -> None:
+        """Refuse a non-finite coefficient anywhere in ``problem`` (rows a user wrote directly included).
+
+        pulp accepts NaN/inf coefficients in expressions built from ``(variable, value)`` lists, and
+        CBC then fails with a traceback while HiGHS reports no chain; the checks at construction
+        cover our own rows, this one catches everything else.
+        """
+        where = {v.name: (k, c) for k, s in enumerate(self.stages) for v, c in zip(self._xv[k], s, strict=True)}
+
+        def check(expr, row: str) -> None:
+            for var, coef in expr.items():
+                if not _finite(coef):
+                    spot = where.get(var.name)
+                    block = f" (block {spot[1].id!r} of model {spot[1].model!r}, stage {spot[0]})" if spot else ""
+                    raise SolverError(f"{row} has coefficient {coef} on {var.name}{block}: coefficients must be finite")
+
+        if self.problem.objective is not None:
+            check(self.problem.objective, "the objective")
+        for row in self.problem.constraints():
+            check(row, f"constraint {row.name!r}")
 
     def _check_budgets_dp(self) -> None:
         min_p, min_m = self._smallest()

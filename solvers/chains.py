@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,11 @@ import numpy as np
 from solvers.errors import SolverError
 
 __all__ = ["Candidate", "StagePairs", "Chain", "brute_force", "min_cost_chain", "top_chains_dp",
-           "validate_instance", "make_chain", "chain_totals", "chain_allowed", "human_number", "amount_text"]
+           "validate_instance", "check_budget", "make_chain", "chain_totals", "chain_allowed", "human_number",
+           "amount_text"]
+
+# Candidate fields every solver path reads, with the names error messages give them.
+_CANDIDATE_NUMBERS = (("quality", "block quality"), ("params", "params"), ("macs", "MACs"))
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,16 @@ class StagePairs:
     allowed: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.params = np.asarray(self.params, dtype=np.int64)
-        self.macs = np.asarray(self.macs, dtype=np.int64)
-        self.compatibility = np.asarray(self.compatibility, dtype=np.float64)
-        shape = self.params.shape
-        if len(shape) != 2 or self.macs.shape != shape or self.compatibility.shape != shape:
+        # Checked as floats before the integer cast, which would turn NaN/inf into arbitrary integers.
+        raw = {
+            name: np.asarray(getattr(self, name), dtype=np.float64)
+            for name in ("params", "macs", "compatibility")
+        }
+        shape = raw["params"].shape
+        if len(shape) != 2 or raw["macs"].shape != shape or raw["compatibility"].shape != shape:
             raise SolverError(
-                f"StagePairs arrays must share one 2-D shape, got params {self.params.shape}, "
-                f"macs {self.macs.shape}, compatibility {self.compatibility.shape}"
+                f"StagePairs arrays must share one 2-D shape, got params {raw['params'].shape}, "
+                f"macs {raw['macs'].shape}, compatibility {raw['compatibility'].shape}"
             )
         if self.allowed is None:
             self.allowed = np.ones(shape, dtype=bool)
@@ -78,8 +85,19 @@ class StagePairs:
             self.allowed = np.asarray(self.allowed, dtype=bool)
             if self.allowed.shape != shape:
                 raise SolverError(f"StagePairs.allowed has shape {self.allowed.shape}, expected {shape}")
-        if not np.all(np.isfinite(self.compatibility[self.allowed])):
-            raise SolverError("StagePairs.compatibility must be finite on allowed pairs")
+        for name, a in raw.items():
+            bad = np.argwhere(self.allowed & ~np.isfinite(a))
+            if bad.size:
+                i, j = (int(v) for v in bad[0])
+                raise SolverError(
+                    f"StagePairs.{name} is {a[i, j]} at allowed pair ({i}, {j}): stitch numbers must be "
+                    "finite (disallow the pair instead)"
+                )
+            # A disallowed pair's numbers are never read; a NaN there must not reach the int cast.
+            raw[name] = np.where(np.isfinite(a), a, 0.0)
+        self.params = raw["params"].astype(np.int64)
+        self.macs = raw["macs"].astype(np.int64)
+        self.compatibility = raw["compatibility"]
 
     @classmethod
     def zeros(cls, n_from: int, n_to: int) -> StagePairs:
@@ -136,8 +154,40 @@ class Chain:
     budgets: dict[str, float] = field(default_factory=dict, hash=False)
 
 
-def validate_instance(stages: Sequence[Sequence[Candidate]], pairs: Sequence[StagePairs]) -> None:
-    """Raise :class:`SolverError` for no stages, an empty stage, repeated block ids or mis-shaped pairs."""
+def check_budget(name: str, value: float | None) -> None:
+    """Raise :class:`SolverError` unless the budget ``value`` is None (no budget) or a finite number."""
+    if value is None:
+        return
+    try:
+        ok = math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SolverError(f"budget {name} must be a finite number (or None for no budget), got {value!r}")
+
+
+def _check_finite(value, what: str) -> None:
+    try:
+        ok = math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SolverError(f"{what} is {value!r}: every number entering the solver must be finite")
+
+
+def validate_instance(
+    stages: Sequence[Sequence[Candidate]],
+    pairs: Sequence[StagePairs],
+    weights: Sequence[float] | None = None,
+) -> None:
+    """Check an instance before any solver path (ILP, DP, enumeration) reads it.
+
+    Raises:
+        SolverError: No stages, an empty stage, repeated block ids, mis-shaped pairs, or a
+            non-finite number: a block's quality, params or MACs (the message names the block, its
+            model and stage), a stitch compatibility on an allowed pair (naming both blocks), or an
+            objective weight ``(quality_weight, stitch_weight, param_penalty)``.
+    """
     if len(stages) == 0:
         raise SolverError("the assembly program needs at least one stage")
     if len(pairs) != len(stages) - 1:
@@ -148,10 +198,25 @@ def validate_instance(stages: Sequence[Sequence[Candidate]], pairs: Sequence[Sta
         ids = [c.id for c in stage]
         if len(set(ids)) != len(ids):
             raise SolverError(f"stage {k} repeats a block id; ids must be unique within a stage")
+        for c in stage:
+            for attr, label in _CANDIDATE_NUMBERS:
+                _check_finite(getattr(c, attr), f"{label} of block {c.id!r} (model {c.model!r}, stage {k})")
     for k, pr in enumerate(pairs):
         want = (len(stages[k]), len(stages[k + 1]))
         if pr.params.shape != want:
             raise SolverError(f"pairs[{k}] has shape {pr.params.shape}, expected {want}")
+        # Again here: StagePairs is mutable, and only here are the blocks' names known.
+        bad = np.argwhere(pr.allowed & ~np.isfinite(pr.compatibility))
+        if bad.size:
+            i, j = (int(v) for v in bad[0])
+            a, b = stages[k][i], stages[k + 1][j]
+            _check_finite(
+                pr.compatibility[i, j],
+                f"stitch compatibility of {a.id!r} (model {a.model!r}, stage {k}) -> {b.id!r} "
+                f"(model {b.model!r}, stage {k + 1})",
+            )
+    for name, w in zip(("quality_weight", "stitch_weight", "param_penalty"), weights or (), strict=False):
+        _check_finite(w, name)
 
 
 def chain_totals(stages, pairs, idx: Sequence[int]) -> tuple[int, int, float, float]:
@@ -219,8 +284,10 @@ def brute_force(
     Returns:
         Feasible chains sorted by decreasing objective (ties by candidate indices).
     """
-    validate_instance(stages, pairs)
     weights = (quality_weight, stitch_weight, param_penalty)
+    validate_instance(stages, pairs, weights)
+    check_budget("max_params", max_params)
+    check_budget("max_macs", max_macs)
     out = []
     for idx in itertools.product(*(range(len(s)) for s in stages)):
         if not chain_allowed(pairs, idx):
@@ -309,8 +376,8 @@ def top_chains_dp(
     Returns:
         Up to ``top`` distinct chains, best first.
     """
-    validate_instance(stages, pairs)
     weights = (quality_weight, stitch_weight, param_penalty)
+    validate_instance(stages, pairs, weights)
 
     def gain(c: Candidate) -> float:
         return quality_weight * c.quality - param_penalty * c.params
