@@ -35,10 +35,11 @@ the summed boundary similarity plus a constant. The one liberty we take is to pi
 boundary rather than per block (a block anchor fixes both of its boundaries to the same model);
 that decouples the boundaries, lets each be solved exactly, and can only raise the score.
 
-Balance: every block of model ``m`` has MACs ``<= (1+eps) * total_macs[m] / K`` (``eps`` = 0.2 as
-in DeRy). When a model cannot meet it for any cuts (one indivisible heavy piece), we raise
-:class:`~solvers.errors.InfeasibleError` naming the model and the smallest ``eps`` that works,
-computed exactly by a min-max dynamic program.
+Balance: every block of model ``m`` has MACs ``<= (1+eps_m) * total_macs[m] / K`` (``eps`` = 0.2 as
+in DeRy; one value for all models, or one per model). When a model cannot meet it for any cuts (one
+indivisible heavy piece), we raise :class:`~solvers.errors.InfeasibleError` naming the model and the
+smallest ``eps`` that works, computed exactly by a min-max dynamic program; :func:`relaxed_eps` gives
+each model ``max(eps, its smallest feasible eps)`` for callers that prefer relaxing to failing.
 
 Method
 ------
@@ -95,6 +96,7 @@ __all__ = [
     "objective",
     "partition",
     "random_partition",
+    "relaxed_eps",
 ]
 
 # Relative tolerance on MAC comparisons: cumulative MACs are sums of floats, and a split that is
@@ -242,6 +244,38 @@ def min_feasible_eps(cum_macs: Sequence[float] | np.ndarray, total_macs: float, 
     return max(0.0, n_stages * worst / total - 1.0)
 
 
+def relaxed_eps(
+    cum_macs: Sequence[Sequence[float] | np.ndarray], total_macs: Sequence[float], n_stages: int, eps: float = 0.2
+) -> list[float]:
+    """Per model, ``max(eps, smallest feasible eps)``: the tightest balance each model can meet.
+
+    A model that meets ``eps`` keeps it; one that cannot (an indivisible heavy block, e.g. a ResNet
+    stem at K = 3) gets exactly its smallest feasible eps (:func:`min_feasible_eps`), which
+    :func:`partition` accepts (limits are compared with a relative tolerance). ``inf`` for a model
+    with fewer than ``K-1`` cut points, which :func:`partition` then reports.
+
+    Args:
+        cum_macs: Per model, cumulative MACs at its candidate cut points.
+        total_macs: Per model, total MACs.
+        n_stages: K.
+        eps: The balance wanted (``>= 0``).
+
+    Returns:
+        One eps per model, each ``>= eps``.
+    """
+    return [max(float(eps), min_feasible_eps(c, t, n_stages)) for c, t in zip(cum_macs, total_macs, strict=True)]
+
+
+def _eps_per_model(eps: float | Sequence[float], n_models: int) -> list[float]:
+    """``eps`` as one float per model (a single value applies to every model)."""
+    values = [float(eps)] * n_models if np.isscalar(eps) else [float(e) for e in eps]  # type: ignore[union-attr]
+    if len(values) != n_models:
+        raise SolverError(f"{len(values)} eps values for {n_models} models")
+    if any(not e >= 0 for e in values):  # also rejects NaN
+        raise SolverError(f"eps must be >= 0, got {eps}")
+    return values
+
+
 def _round_up(x: float, digits: int = 6) -> float:
     """``x`` rounded up to ``digits`` significant digits, so a printed eps is always feasible."""
     if x == 0 or not math.isfinite(x):
@@ -336,6 +370,8 @@ def best_cuts_for_model(
         raise SolverError(f"model {model}: scores must have shape (K-1, {cum.size}), got {scores.shape}")
     if np.any(np.isnan(scores)):
         raise SolverError(f"model {model}: scores contain NaN")
+    if np.any(scores == np.inf):  # -inf forbids a placement; +inf would swamp every other score
+        raise SolverError(f"model {model}: scores contain +inf")
     n_stages = scores.shape[0] + 1
     cap = _cap(float(total_macs), n_stages, eps)
     first_ok, inner, last_ok = _feasibility(cum, float(total_macs), cap)
@@ -479,7 +515,7 @@ def random_partition(
     total_macs: Sequence[float],
     n_stages: int,
     *,
-    eps: float = 0.2,
+    eps: float | Sequence[float] = 0.2,
     seed: int | np.random.Generator = 0,
 ) -> list[list[int]]:
     """A uniformly random balanced partition of every model (baseline / ablation / restarts).
@@ -491,7 +527,7 @@ def random_partition(
         cum_macs: Per model, cumulative MACs at its candidate cut points.
         total_macs: Per model, total MACs.
         n_stages: K.
-        eps: Balance slack.
+        eps: Balance slack, one value for all models or one per model.
         seed: Seed or generator.
 
     Returns:
@@ -502,10 +538,11 @@ def random_partition(
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     out = []
+    eps_m = _eps_per_model(eps, len(cum_macs))
     for m, (cm, tot) in enumerate(zip(cum_macs, total_macs, strict=True)):
         cum = _as_cum(cm, tot, m)
-        _check_feasible(m, cum, float(tot), n_stages, eps)
-        masks = _feasibility(cum, float(tot), _cap(float(tot), n_stages, eps))
+        _check_feasible(m, cum, float(tot), n_stages, eps_m[m])
+        masks = _feasibility(cum, float(tot), _cap(float(tot), n_stages, eps_m[m]))
         out.append(_sample_cuts(*masks, n_stages - 1, rng))
     return out
 
@@ -521,25 +558,24 @@ def _check_feasible(m: int, cum: np.ndarray, total: float, n_stages: int, eps: f
 
 
 class _Problem:
-    def __init__(self, cum_macs, total_macs, sim, n_stages: int, eps: float):
+    def __init__(self, cum_macs, total_macs, sim, n_stages: int, eps: float | Sequence[float]):
         if n_stages < 1:
             raise SolverError(f"n_stages must be >= 1, got {n_stages}")
-        if eps < 0:
-            raise SolverError(f"eps must be >= 0, got {eps}")
         if len(cum_macs) != len(total_macs):
             raise SolverError(f"{len(cum_macs)} cum_macs but {len(total_macs)} total_macs")
         if not cum_macs:
             raise SolverError("no models")
         self.k = n_stages
         self.nb = n_stages - 1
-        self.eps = eps
+        self.eps = _eps_per_model(eps, len(cum_macs))
         self.totals = [float(t) for t in total_macs]
         self.cums = [_as_cum(c, t, m) for m, (c, t) in enumerate(zip(cum_macs, self.totals, strict=True))]
         self.n_models = len(self.cums)
         for m, (cum, tot) in enumerate(zip(self.cums, self.totals, strict=True)):
-            _check_feasible(m, cum, tot, n_stages, eps)
+            _check_feasible(m, cum, tot, n_stages, self.eps[m])
         self.masks = [
-            _feasibility(c, t, _cap(t, n_stages, eps)) for c, t in zip(self.cums, self.totals, strict=True)
+            _feasibility(c, t, _cap(t, n_stages, e))
+            for c, t, e in zip(self.cums, self.totals, self.eps, strict=True)
         ]
         self.pairs = _all_pairs(sim, self.n_models)
         for (m, a), mat in self.pairs.items():
@@ -631,7 +667,7 @@ def partition(
     sim: dict[tuple[int, int], np.ndarray],
     n_stages: int,
     *,
-    eps: float = 0.2,
+    eps: float | Sequence[float] = 0.2,
     restarts: int = 20,
     max_iter: int = 100,
     seed: int = 0,
@@ -646,7 +682,8 @@ def partition(
         sim: ``sim[(m, m')]``: ``(n_m, n_m')`` similarity of cut points; one orientation per
             unordered pair is enough, ``sim[(m, m)]`` is not used.
         n_stages: K, the number of blocks per model (and of equivalence sets).
-        eps: Balance slack: every block has MACs ``<= (1+eps) * total / K``.
+        eps: Balance slack: every block has MACs ``<= (1+eps) * total / K``; one value for all
+            models, or one per model (e.g. from :func:`relaxed_eps`).
         restarts: Number of starts (the first from the most even split, the rest random).
         max_iter: Iteration cap per start.
         seed: Seed of the random starts; the result is deterministic given it.

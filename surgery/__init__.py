@@ -35,6 +35,7 @@ _LAZY = {
     "BlockInfo": ("surgery.spec", "BlockInfo"),
     "Workspace": ("surgery.workspace", "Workspace"),
     "reassemble": ("surgery.reassembly", "reassemble"),
+    "baseline": ("surgery.baseline", "baseline"),
     "load": ("surgery.assembled", "load"),
     "ReassembledModel": ("surgery.assembled", "ReassembledModel"),
     "train": ("surgery.train", "train"),

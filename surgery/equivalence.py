@@ -6,6 +6,11 @@ dynamic program inside an anchor alternation) and writes ``partition.json`` plus
 heatmap per model pair with the chosen cuts marked, and a summary figure of the zoo's stages.
 
 Set k holds the k-th block of every model; a stage block spans one or more library blocks.
+
+Balance: by default each model is held to ``eps`` = 0.2 (DeRy's value) or, when it cannot be cut that
+evenly (an indivisible heavy stem, e.g. resnet10t at K = 3 needs 0.77), to its own smallest feasible
+eps; ``partition.json`` records per model the eps it was held to and whether it was relaxed. An eps
+the user sets is strict: a model that cannot meet it is an error naming the smallest eps that works.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from typing import Any
 import numpy as np
 
 from solvers.errors import InfeasibleError
-from solvers.partition import min_feasible_eps, random_partition
 from solvers.partition import objective as partition_objective
 from solvers.partition import partition as solve_partition
+from solvers.partition import random_partition, relaxed_eps
 from surgery.errors import WorkspaceError
 from surgery.similarity import read_similarity
 from surgery.workspace import Workspace, read_manifest, write_json
 
 PARTITION_SCHEMA = "surgery.partition/1"
+DEFAULT_EPS = 0.2  # DeRy's balance tolerance (research/dery.md)
 
 
 def _candidates(manifest: dict[str, Any]) -> tuple[list[str], np.ndarray, float]:
@@ -58,7 +64,7 @@ def run_partition(
     workdir: str | Path,
     n_stages: int = 4,
     *,
-    eps: float = 0.2,
+    eps: float | None = None,
     restarts: int = 20,
     seed: int = 0,
     plots: bool = True,
@@ -70,13 +76,21 @@ def run_partition(
         workdir: workspace with a dissected zoo and its similarity (``surgery similarity``).
         n_stages: K, the number of stages (blocks per model).
         eps: balance tolerance: every stage block of a model has at most ``(1+eps)·MACs/K``.
+            ``None`` (default): :data:`DEFAULT_EPS`, relaxed per model to that model's smallest
+            feasible eps where 0.2 cannot be met. A number is strict (unless ``relax_eps``).
         restarts: random restarts of the alternation.
         seed: seed of the restarts.
         plots: also write the PNG pictures.
-        relax_eps: raise ``eps`` to the smallest value every model can meet instead of failing.
+        relax_eps: relax a given ``eps`` per model too, instead of failing.
 
     Returns:
-        The partition manifest (as written).
+        The partition manifest (as written): ``eps`` (the balance asked for), ``eps_strict``, and per
+        model ``eps_used`` (the balance it is held to) and ``eps_relaxed`` (``eps_used > eps``).
+
+    Raises:
+        InfeasibleError: with a strict ``eps``, a model cannot be balanced (names the model and the
+            smallest eps that works).
+        WorkspaceError: missing similarity, or a model with too few cut points for ``n_stages``.
     """
     ws = Workspace(workdir).require()
     sim = read_similarity(ws)
@@ -104,21 +118,22 @@ def run_partition(
             ib = [offsets[b] + sim["nodes"][b].index(node) for node in cands[j]]
             # a constant cut point has no defined CKA (NaN): treat it as unrelated, as reassembly does
             pairs[(i, j)] = np.nan_to_num(matrix[np.ix_(ia, ib)], nan=0.0)
-    if relax_eps:
-        eps = max([eps] + [min_feasible_eps(c, t, n_stages) * (1 + 1e-9) for c, t in zip(cums, totals, strict=True)])
+    strict = eps is not None and not relax_eps
+    eps = DEFAULT_EPS if eps is None else float(eps)
+    eps_used = [eps] * len(names) if strict else relaxed_eps(cums, totals, n_stages, eps)
     try:
-        result = solve_partition(cums, totals, pairs, n_stages, eps=eps, restarts=restarts, seed=seed)
+        result = solve_partition(cums, totals, pairs, n_stages, eps=eps_used, restarts=restarts, seed=seed)
     except InfeasibleError as e:
         if getattr(e, "model", None) is None:
             raise
         need = getattr(e, "min_eps", float("nan"))
         raise InfeasibleError(
             f"{names[e.model]} cannot be cut into {n_stages} stages of at most (1+eps)/{n_stages} of its MACs "
-            f"with eps={eps:g}: the smallest eps that works is {need:.3f} (use --eps {need + 0.005:.2f}, fewer "
-            "--stages, or dissect with --granularity node)"
+            f"with eps={eps:g}: the smallest eps that works is {need:.3f} (use --eps {need + 0.005:.2f}, leave --eps "
+            "out to relax it per model, use fewer --stages, or dissect with --granularity node)"
         ) from None
     # DeRy's own ablation: random balanced partitions scored by the same objective
-    rand = [partition_objective(random_partition(cums, totals, n_stages, eps=eps, seed=seed + 1 + r), pairs)
+    rand = [partition_objective(random_partition(cums, totals, n_stages, eps=eps_used, seed=seed + 1 + r), pairs)
             for r in range(20)]
 
     models_out = {}
@@ -128,6 +143,8 @@ def run_partition(
             "cuts": [cands[i][c] for c in cut_idx],
             "stage_blocks": _stage_blocks(manifests[n], cut_idx),
             "total_macs": int(totals[i]),
+            "eps_used": float(eps_used[i]),
+            "eps_relaxed": bool(eps_used[i] > eps),
         }
     sets = []
     for k in range(n_stages):
@@ -141,6 +158,7 @@ def run_partition(
         "schema": PARTITION_SCHEMA,
         "stages": n_stages,
         "eps": eps,
+        "eps_strict": strict,
         "seed": seed,
         "restarts": restarts,
         "objective": float(result.objective),

@@ -22,6 +22,7 @@ from solvers.partition import (
     objective,
     partition,
     random_partition,
+    relaxed_eps,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +277,26 @@ def test_infeasible_balance_reports_smallest_eps():
     assert balance_ok(res.cuts[1], cum_bad, 100.0, 2, shown)
     with pytest.raises(InfeasibleError):
         partition([cum_ok, cum_bad], [100.0, 100.0], sim, 2, eps=0.599)
+
+
+def test_per_model_eps_relaxes_only_the_model_that_needs_it():
+    # model 1 has an indivisible piece (needs 0.6 at K = 2); model 0 can meet 0.2. Per-model eps holds
+    # model 0 to 0.2 while model 1 gets exactly its smallest feasible eps.
+    cum_ok = np.linspace(10, 90, 9)
+    cum_bad = np.array([10.0, 80.0, 90.0])
+    sim = {(0, 1): np.ones((9, 3))}
+    eps = relaxed_eps([cum_ok, cum_bad], [100.0, 100.0], 2, 0.2)
+    assert eps[0] == 0.2 and eps[1] == pytest.approx(min_feasible_eps(cum_bad, 100.0, 2))
+    res = partition([cum_ok, cum_bad], [100.0, 100.0], sim, 2, eps=eps)
+    assert balance_ok(res.cuts[0], cum_ok, 100.0, 2, 0.2)
+    assert balance_ok(res.cuts[1], cum_bad, 100.0, 2, eps[1])
+    for s in range(10):  # random balanced partitions honour each model's own limit too
+        rand = random_partition([cum_ok, cum_bad], [100.0, 100.0], 2, eps=eps, seed=s)
+        assert balance_ok(rand[0], cum_ok, 100.0, 2, 0.2) and balance_ok(rand[1], cum_bad, 100.0, 2, eps[1])
+    with pytest.raises(SolverError, match="2 eps values for 1 models"):
+        partition([cum_ok], [100.0], {}, 2, eps=[0.2, 0.2])
+    with pytest.raises(SolverError, match="eps must be >= 0"):
+        partition([cum_ok, cum_bad], [100.0, 100.0], sim, 2, eps=[0.2, -1.0])
 
 
 @pytest.mark.parametrize("trial", range(15))
