@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from torch import nn
 
 from surgery.errors import WorkspaceError
 from surgery.spec import TensorSpec
-from surgery.stitch import Head, Stitch, make_head, make_stitch, token_context_from_timm
+from surgery.stitch import Head, Stitch, make_head, make_stitch
+from surgery.token_context import needs_token_context, token_context_from_timm
 from surgery.workspace import load_tensors, read_manifest, save_tensors, write_json
 from zoo.entries import ZooEntry, build_model
 
@@ -56,13 +58,6 @@ class StagePlan:
         return cls(d["model"], d["entry"], d.get("start"), d.get("end"), tuple(d["input_size"]),
                    d.get("granularity", "block"), TensorSpec.from_dict(d["in_spec"]),
                    TensorSpec.from_dict(d["out_spec"]))
-
-
-def needs_token_context(out_spec: TensorSpec, in_spec: TensorSpec) -> bool:
-    """A receiving token block whose prefix tokens the donor does not carry gets them from its model."""
-    if in_spec.layout != "NLC" or in_spec.prefix_tokens == 0:
-        return False
-    return not (out_spec.layout == "NLC" and out_spec.prefix_tokens == in_spec.prefix_tokens)
 
 
 def headless(model: nn.Module) -> nn.Module:
@@ -119,7 +114,8 @@ class ReassembledModel(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def build_parts(models: dict[str, nn.Module], stages: list[StagePlan], stitch_project: list[bool | None]
+def build_parts(models: dict[str, nn.Module], stages: list[StagePlan], stitch_project: list[bool | None],
+                cut: Callable[[StagePlan, bool], tuple[nn.Module, TensorSpec]] | None = None
                 ) -> tuple[list[nn.Module], list[str], TensorSpec]:
     """Cut the blocks of a chain and make (unfitted) stitches between blocks of different models.
 
@@ -127,6 +123,9 @@ def build_parts(models: dict[str, nn.Module], stages: list[StagePlan], stitch_pr
         models: source models by name (real weights, or random ones when rebuilding before a load).
         stages: the chain.
         stitch_project: per junction, the ``project`` argument of the stitch (``None``: no stitch).
+        cut: ``cut(plan, last) -> (block, out_spec)`` as :func:`cut_segment` returns them; default
+            :func:`cut_segment` (one dissection per stage). Reassembly passes a cut from dissections it
+            already holds, so the top-N chains do not re-trace their models.
 
     Returns:
         ``(parts, roles, feature_spec)``.
@@ -136,10 +135,11 @@ def build_parts(models: dict[str, nn.Module], stages: list[StagePlan], stitch_pr
     feature_spec = stages[-1].out_spec
     for k, plan in enumerate(stages):
         last = k == len(stages) - 1
-        block, out_spec = cut_segment(models[plan.model], plan, last=last)
+        block, out_spec = (cut(plan, last) if cut is not None
+                           else cut_segment(models[plan.model], plan, last=last))
         if k > 0 and stitch_project[k - 1] is not None:
             prev = stages[k - 1]
-            ctx = (token_context_from_timm(models[plan.model])
+            ctx = (token_context_from_timm(models[plan.model], plan.in_spec)
                    if needs_token_context(prev.out_spec, plan.in_spec) else None)
             parts.append(make_stitch(prev.out_spec, plan.in_spec, token_context=ctx,
                                      project=stitch_project[k - 1]))

@@ -6,8 +6,13 @@ dicts) and what the stitcher uses to build adapters between blocks of different 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# every layout a spec may have; the first four are the ones stitches adapt between
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NC", "other")
+STITCH_LAYOUTS = LAYOUTS[:4]
 
 
 @dataclass(frozen=True)
@@ -16,10 +21,15 @@ class TensorSpec:
 
     Attributes:
         layout: ``"NCHW"`` feature map, ``"NHWC"`` channels-last map (e.g. Swin stages), ``"NLC"``
-            tokens, ``"NC"`` vector (pooled features or logits), or ``"other"``.
-        channels: channels (maps) or embedding width (tokens, vectors).
+            tokens in raster order, ``"NC"`` vector (pooled features or logits), or ``"other"``: a
+            tensor none of these describe (NesT's blockified ``(B, T, N, C)``, Hiera's unrolled tokens,
+            tensors whose first dim is not the batch). ``"other"`` cut points are never stitched.
+        channels: channels (maps) or embedding width (tokens, vectors). For ``"other"``, the size of
+            the feature dim when it is known (the last dim when ``shape[-1] == channels``, else dim 1),
+            else 0; features pool over every other non-batch dim.
         grid: spatial grid ``(H, W)`` of a map, or the patch grid of tokens when it can be derived;
-            ``None`` for vectors or when unknown.
+            ``None`` for vectors or when unknown. For ``"other"``, the grid the positions fill when
+            their number is known (their order is not).
         stride: input pixels per grid cell (``input_size // H``); ``None`` when there is no grid.
         prefix_tokens: number of class/distillation/register tokens before the patch tokens (``NLC``).
         shape: the full shape at batch size 1 as traced, e.g. ``(1, 64, 56, 56)``.
@@ -31,6 +41,62 @@ class TensorSpec:
     stride: int | None = None
     prefix_tokens: int = 0
     shape: tuple[int, ...] = ()
+
+    @property
+    def known(self) -> bool:
+        """Whether the spec describes its tensor well enough to stitch it: a stitchable layout, a
+        shape, and no :meth:`problems`."""
+        return self.layout in STITCH_LAYOUTS and bool(self.shape) and not self.problems()
+
+    def problems(self) -> list[str]:
+        """Ways in which the spec contradicts its own ``shape`` (empty when consistent).
+
+        Checked: ``NCHW`` has ``shape == (1, channels, *grid)``, ``NHWC`` ``(1, *grid, channels)``,
+        ``NLC`` ``(1, prefix_tokens + grid[0] * grid[1], channels)`` (``prefix_tokens <= N`` when the
+        grid is unknown), ``NC`` ``(1, channels)``; ``"other"`` a feature dim of ``channels`` at
+        dim 1 or -1 and, with a grid, as many positions as the other dims hold. A spec without a
+        shape has nothing to contradict (but is not :attr:`known`).
+        """
+        s, out = tuple(self.shape), []
+        if self.layout not in LAYOUTS:
+            return [f"unknown layout {self.layout!r}"]
+        if not s:
+            return out
+        if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
+            out.append(f"grid {self.grid} is not two positive sizes")
+        if self.layout != "other":
+            want = {"NCHW": 4, "NHWC": 4, "NLC": 3, "NC": 2}[self.layout]
+            if len(s) != want:
+                return [f"{self.layout} needs a {want}-d shape, not {s}"]
+            if s[0] != 1:
+                out.append(f"shape {s} is not at batch size 1")
+        if self.prefix_tokens and self.layout not in ("NLC", "other"):
+            out.append(f"{self.layout} has no prefix tokens (got {self.prefix_tokens})")
+        if self.layout in ("NCHW", "NHWC"):
+            c, grid = (s[1], s[2:4]) if self.layout == "NCHW" else (s[3], s[1:3])
+            if self.channels != c or self.grid != tuple(grid):
+                out.append(f"{self.layout} shape {s} has {c} channels on {tuple(grid)}, spec says "
+                           f"{self.channels} on {self.grid}")
+        elif self.layout == "NLC":
+            if self.channels != s[2]:
+                out.append(f"NLC shape {s} has width {s[2]}, spec says {self.channels}")
+            if not 0 <= self.prefix_tokens <= s[1]:
+                out.append(f"{self.prefix_tokens} prefix tokens in {s[1]} tokens")
+            elif self.grid is not None and self.prefix_tokens + self.grid[0] * self.grid[1] != s[1]:
+                out.append(f"{self.prefix_tokens} prefix tokens + grid {self.grid} != {s[1]} tokens")
+        elif self.layout == "NC":
+            if self.channels != s[1] or self.grid is not None:
+                out.append(f"NC shape {s} has {s[1]} features, spec says {self.channels}, grid {self.grid}")
+        elif self.channels:
+            if len(s) < 2 or self.channels not in (s[1], s[-1]):
+                out.append(f"other shape {s} has no dim of {self.channels} features")
+            elif self.grid is not None:
+                rest = s[1:-1] if s[-1] == self.channels else s[2:]
+                if math.prod(rest) != self.grid[0] * self.grid[1]:
+                    out.append(f"other shape {s} holds {math.prod(rest)} positions, grid {self.grid}")
+        if self.grid is None and self.stride is not None:
+            out.append("a stride without a grid")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

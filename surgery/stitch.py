@@ -5,9 +5,11 @@ and the receiving block's input spec, and is an ordinary ``nn.Module`` that ``to
 It has up to four parts, applied in this order:
 
 1. **Layout adapter.** ``NCHW`` <-> ``NHWC`` by permuting; maps -> tokens by flattening the grid;
-   tokens -> maps by dropping the donor's prefix tokens and reshaping the rest to a grid recovered
-   from the token count at run time (square, or the donor spec's aspect ratio). ``NC`` vectors only
-   connect to ``NC`` vectors.
+   tokens -> maps by dropping the donor's prefix tokens and reshaping the rest to the donor spec's
+   grid (at another input resolution, a grid of its aspect ratio recovered from the token count).
+   Tokens whose grid is unknown are only stitched token for token, and specs that do not describe
+   their tensor (layout ``"other"``, see :class:`~surgery.spec.TensorSpec`) not at all. ``NC``
+   vectors only connect to ``NC`` vectors.
 2. **Resolution adapter.** The map is resampled to the receiving block's native grid: average
    pooling (``adaptive_avg_pool2d``) when the donor grid is an integer multiple of the receiver's,
    otherwise bilinear ``F.interpolate`` (anti-aliased when shrinking). Strides come from the specs,
@@ -22,7 +24,8 @@ It has up to four parts, applied in this order:
 4. **Token context.** A receiving ViT block expects its model's class/register tokens in front of
    the patch tokens and position information in them. The stitch prepends the receiver's own prefix
    tokens and adds its position embedding, resampled (bicubic) to the receiving grid; both are
-   trainable parameters initialised from the receiver model (:func:`token_context_from_timm`).
+   trainable parameters initialised from the receiver model (:func:`token_context_from_timm`, in
+   :mod:`surgery.token_context`).
 
 Resampling and the projection are both linear and the resampling weights of every output cell sum
 to one, so they commute (bias included). The projection therefore runs on whichever grid is smaller
@@ -48,83 +51,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.errors import SurgeryError
 from surgery.spec import TensorSpec
 
+# Re-exported: the token context lives in its own module (as does StitchError, which both raise).
+from surgery.token_context import StitchError, TokenContext, needs_token_context, token_context_from_timm
+
 __all__ = [
-    "StitchError", "TokenContext", "token_context_from_timm", "Stitch", "make_stitch", "stitch_cost",
-    "StitchFit", "fit_stitch", "ridge_regression", "Head", "make_head", "fit_linear_head",
+    "StitchError", "TokenContext", "token_context_from_timm", "needs_token_context", "Stitch", "make_stitch",
+    "stitch_cost", "StitchFit", "fit_stitch", "ridge_regression", "Head", "make_head", "fit_linear_head",
 ]
 
 _LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
-
-
-class StitchError(SurgeryError, ValueError):
-    """Two specs cannot be stitched, or fitting data does not match a stitch."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Token context (class/register tokens and position embedding of a receiving ViT)
-
-
-@dataclass
-class TokenContext:
-    """What a receiving ViT block expects around its patch tokens.
-
-    Attributes:
-        cls_token: prefix tokens (class, then register tokens), shape ``(1, P, C)``, or ``None``.
-        pos_embed: absolute position embedding, ``(1, P + N, C)`` when ``pos_embed_has_prefix``
-            else ``(1, N, C)``, with ``N = grid[0] * grid[1]``; ``None`` when the model has none.
-        pos_embed_has_prefix: whether ``pos_embed`` has rows for the prefix tokens (timm's
-            ``not no_embed_class``).
-        grid: patch grid ``(h, w)`` that ``pos_embed`` was trained for.
-    """
-
-    cls_token: Tensor | None
-    pos_embed: Tensor | None
-    pos_embed_has_prefix: bool
-    grid: tuple[int, int]
-
-    @property
-    def num_prefix(self) -> int:
-        """Number of prefix tokens ``P``."""
-        return 0 if self.cls_token is None else int(self.cls_token.shape[1])
-
-
-def token_context_from_timm(model: nn.Module) -> TokenContext:
-    """Read the token context of a timm ViT-style model.
-
-    Uses timm's ``cls_token``, ``reg_token``, ``pos_embed``, ``num_prefix_tokens``,
-    ``no_embed_class`` and ``patch_embed.grid_size``. Tensors are detached copies.
-
-    Args:
-        model: a timm ``VisionTransformer`` (or a model with the same attributes).
-
-    Returns:
-        The model's :class:`TokenContext`.
-
-    Raises:
-        StitchError: the model lacks a patch grid or its prefix tokens are inconsistent.
-    """
-    patch_embed = getattr(model, "patch_embed", None)
-    grid = getattr(patch_embed, "grid_size", None)
-    if grid is None:
-        raise StitchError(f"{type(model).__name__} has no patch_embed.grid_size; not a ViT-style model")
-    prefix = [t for t in (getattr(model, "cls_token", None), getattr(model, "reg_token", None))
-              if t is not None]
-    cls_token = torch.cat([t.detach() for t in prefix], dim=1).clone() if prefix else None
-    num_prefix = 0 if cls_token is None else cls_token.shape[1]
-    if int(getattr(model, "num_prefix_tokens", num_prefix)) != num_prefix:
-        raise StitchError(f"{type(model).__name__}: num_prefix_tokens={model.num_prefix_tokens} but "
-                          f"cls_token/reg_token hold {num_prefix} tokens")
-    pos = getattr(model, "pos_embed", None)
-    pos_embed = pos.detach().clone() if isinstance(pos, Tensor) else None
-    return TokenContext(
-        cls_token=cls_token,
-        pos_embed=pos_embed,
-        pos_embed_has_prefix=not bool(getattr(model, "no_embed_class", False)),
-        grid=(int(grid[0]), int(grid[1])),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +78,7 @@ class _Plan:
     dst_grid: tuple[int, int] | None
     drop_prefix: int  # donor prefix tokens thrown away
     carry_prefix: int  # donor prefix tokens passed through the projection (SN-Net style ViT -> ViT)
-    resample: str | None  # None, "pool", "bilinear" or "auto" (donor grid known at run time only)
+    resample: str | None  # None, "pool" or "bilinear"
     project: bool
     project_first: bool  # project on the donor grid, before upsampling (cheaper)
     proj_conv: bool  # 1x1 conv (NCHW) rather than linear (channels last)
@@ -155,30 +92,36 @@ class _Plan:
 
 
 def _same(a: TensorSpec, b: TensorSpec) -> bool:
-    return (a.layout, a.channels, a.grid, a.prefix_tokens) == (b.layout, b.channels, b.grid, b.prefix_tokens)
+    return ((a.layout, a.channels, a.grid, a.prefix_tokens, tuple(a.shape[1:]))
+            == (b.layout, b.channels, b.grid, b.prefix_tokens, tuple(b.shape[1:])))
 
 
-def _positions(spec: TensorSpec) -> int:
-    """Spatial positions (or patch tokens) per sample of a spec, 1 for vectors."""
+def _body(spec: TensorSpec) -> int:
+    """Patch tokens or spatial positions per sample of a known spec, 1 for vectors."""
     if spec.layout == "NC":
         return 1
     if spec.grid is not None:
         return spec.grid[0] * spec.grid[1]
-    if spec.layout == "NLC" and len(spec.shape) == 3:
-        return spec.shape[1] - spec.prefix_tokens
-    if spec.layout in ("NCHW", "NHWC") and len(spec.shape) == 4:
-        return spec.shape[2] * spec.shape[3] if spec.layout == "NCHW" else spec.shape[1] * spec.shape[2]
-    raise StitchError(f"cannot tell the number of positions of {spec}: it has neither grid nor shape")
+    return spec.shape[1] - spec.prefix_tokens  # tokens of unknown grid
+
+
+def _unknown(spec: TensorSpec) -> str:
+    if spec.layout not in _LAYOUTS:
+        return f"layout {spec.layout!r} is not one a stitch adapts"
+    if not spec.shape:
+        return "the spec has no shape"
+    return "; ".join(spec.problems())
 
 
 def _plan(out_spec: TensorSpec, in_spec: TensorSpec, context_grid: tuple[int, int] | None,
           has_context: bool, project: bool | None) -> _Plan:
     src, dst = out_spec.layout, in_spec.layout
-    if src not in _LAYOUTS or dst not in _LAYOUTS:
+    if not (out_spec.known and in_spec.known):
         if _same(out_spec, in_spec) and not has_context and not project:
-            src = dst = "other"  # an opaque tensor can only pass through unchanged
+            src = dst = "other"  # a tensor no spec describes can only pass through unchanged
         else:
-            raise StitchError(f"cannot stitch layout {src!r} to {dst!r}")
+            which, spec = ("donor", out_spec) if not out_spec.known else ("receiver", in_spec)
+            raise StitchError(f"cannot stitch {src} -> {dst}: the {which} spec is unknown ({_unknown(spec)})")
     if (src == "NC") != (dst == "NC"):
         raise StitchError(f"vectors (NC) only stitch to vectors, not {src} -> {dst}")
     if has_context and dst != "NLC":
@@ -197,34 +140,64 @@ def _plan(out_spec: TensorSpec, in_spec: TensorSpec, context_grid: tuple[int, in
         raise StitchError(f"the receiver expects {dst_prefix} prefix token(s) and the donor has "
                           f"{src_prefix}: pass a token_context (token_context_from_timm(receiver))")
 
-    src_grid = out_spec.grid if src in ("NCHW", "NHWC", "NLC") else None
-    dst_grid = in_spec.grid if dst in ("NCHW", "NHWC", "NLC") else None
-    if dst_grid is None and has_context:
-        dst_grid = context_grid
+    src_grid = tuple(out_spec.grid) if src in ("NCHW", "NHWC", "NLC") and out_spec.grid is not None else None
+    dst_grid = tuple(in_spec.grid) if dst in ("NCHW", "NHWC", "NLC") and in_spec.grid is not None else None
+    if dst_grid is None and has_context and context_grid is not None and dst != "other" \
+            and context_grid[0] * context_grid[1] == _body(in_spec):
+        dst_grid = tuple(context_grid)  # tokens of the receiver model's own patch grid
+    if src not in ("NC", "other") and (src_grid is None or dst_grid is None) and not (
+            src_grid is None and dst_grid is None and _body(out_spec) == _body(in_spec)):
+        # Tokens of unknown grid can neither become a map nor be resampled: only token for token.
+        side = "donor" if src_grid is None else "receiver"
+        raise StitchError(f"cannot stitch {src} -> {dst}: the {side} tokens have no known grid")
     resample = None
-    if src_grid is not None and dst_grid is not None and tuple(src_grid) != tuple(dst_grid):
+    if src_grid is not None and dst_grid is not None and src_grid != dst_grid:
         fh, fw = src_grid[0] / dst_grid[0], src_grid[1] / dst_grid[1]
         # Integer shrink: an average over each fh x fw cell is exact and alias-free.
         integer_down = fh >= 1 and fw >= 1 and fh.is_integer() and fw.is_integer()
         resample = "pool" if integer_down else "bilinear"
-    elif src_grid is None and dst_grid is not None and src != "NC" and dst in ("NCHW", "NHWC"):
-        resample = "auto"  # donor grid unknown until run time; resampled there if it differs
     src_rows = src_grid[0] * src_grid[1] if src_grid is not None else 0
-    if dst_grid is not None and dst != "NC":
+    if dst_grid is not None:
         dst_rows = dst_grid[0] * dst_grid[1]
     else:
-        dst_rows = _positions(in_spec) if project and dst != "other" else 0
+        dst_rows = _body(in_spec) if project and dst != "other" else 0
     project_first = bool(project and resample == "bilinear" and not carry and 0 < src_rows < dst_rows)
     proj_conv = project_first or dst == "NCHW"
     rows = (src_rows if project_first else dst_rows) + carry if project else 0
     return _Plan(
         src=src, dst=dst, cin=out_spec.channels, cout=in_spec.channels,
-        src_grid=tuple(src_grid) if src_grid is not None else None,
-        dst_grid=tuple(dst_grid) if dst_grid is not None else None,
+        src_grid=src_grid, dst_grid=dst_grid,
         drop_prefix=src_prefix - carry, carry_prefix=carry, resample=resample, project=bool(project),
         project_first=project_first, proj_conv=proj_conv, context=has_context, dst_prefix=dst_prefix,
         proj_rows=rows,
     )
+
+
+def _check_context(plan: _Plan, ctx: TokenContext | None, channels: int) -> int:
+    """Check that a token context fits the plan's receiver; returns the position embedding's prefix rows.
+
+    ``ctx=None`` with ``plan.context`` stands for a standard timm ViT (class tokens and a position
+    embedding with prefix rows), as :func:`stitch_cost` assumes for ``token_context=True``.
+    """
+    if not plan.context:
+        return 0
+    num_prefix = ctx.num_prefix if ctx is not None else plan.dst_prefix
+    if num_prefix != plan.dst_prefix:
+        raise StitchError(f"token context has {num_prefix} prefix token(s), the receiver spec {plan.dst_prefix}")
+    if ctx is not None and ctx.width not in (None, channels):
+        raise StitchError(f"token context width {ctx.width} != receiver channels {channels}")
+    if ctx is not None and ctx.pos_embed is None:
+        return 0
+    if plan.dst_grid is None:
+        raise StitchError("the receiver's patch grid is unknown: its position embedding cannot be placed")
+    if ctx is None:
+        return plan.dst_prefix
+    n_pre = plan.dst_prefix if ctx.pos_embed_has_prefix else 0
+    pos = ctx.pos_embed
+    if ctx.grid is None or pos.dim() != 3 or pos.shape[1] != n_pre + ctx.grid[0] * ctx.grid[1]:
+        raise StitchError(f"pos_embed {tuple(pos.shape)} does not match {n_pre} prefix rows + grid "
+                          f"{ctx.grid} x {channels} channels")
+    return n_pre
 
 
 def _context_params(plan: _Plan, channels: int, has_cls: bool, has_pos: bool, pos_has_prefix: bool) -> int:
@@ -252,14 +225,21 @@ def stitch_cost(out_spec: TensorSpec, in_spec: TensorSpec, *, token_context: Tok
 
     Returns:
         ``(params, macs)``; MACs as ``FlopCounterMode`` counts them (FLOPs / 2, bias excluded).
+
+    Raises:
+        StitchError: exactly when :func:`make_stitch` would refuse the specs (and context): a spec
+            that is unknown (layout ``"other"``, no shape, or contradicting its shape) unless both
+            are the same and pass through, tokens of unknown grid that would need one, vectors to
+            or from non-vectors, missing or mismatching prefix tokens or position embedding.
     """
     ctx = token_context if isinstance(token_context, TokenContext) else None
     has_context = ctx is not None or bool(token_context)
     plan = _plan(out_spec, in_spec, ctx.grid if ctx else None, has_context, project)
+    n_pre = _check_context(plan, ctx, in_spec.channels)
     params = (plan.cin * plan.cout + plan.cout) if plan.project else 0
     if ctx is not None:
         params += _context_params(plan, in_spec.channels, ctx.cls_token is not None,
-                                  ctx.pos_embed is not None, ctx.pos_embed_has_prefix)
+                                  ctx.pos_embed is not None, bool(n_pre))
     else:
         params += _context_params(plan, in_spec.channels, plan.dst_prefix > 0, True, True)
     macs = batch_size * plan.proj_rows * plan.cin * plan.cout
@@ -350,23 +330,15 @@ class Stitch(nn.Module):
             self._init_context(ctx)
 
     def _init_context(self, ctx: TokenContext) -> None:
-        p, c = self.plan, self.in_spec.channels
-        if ctx.num_prefix != p.dst_prefix:
-            raise StitchError(f"token context has {ctx.num_prefix} prefix token(s), the receiver spec "
-                              f"{p.dst_prefix}")
+        p = self.plan
+        n_pre = _check_context(p, ctx, self.in_spec.channels)
         if ctx.cls_token is not None:
-            if ctx.cls_token.shape[-1] != c:
-                raise StitchError(f"token context width {ctx.cls_token.shape[-1]} != receiver channels {c}")
             self.prefix_tokens = nn.Parameter(ctx.cls_token.detach().clone().float())
         if ctx.pos_embed is None:
             return
         pos = ctx.pos_embed.detach().float()
-        n_pre = p.dst_prefix if ctx.pos_embed_has_prefix else 0
         gh, gw = ctx.grid
-        if pos.shape[1] != n_pre + gh * gw or pos.shape[-1] != c:
-            raise StitchError(f"pos_embed {tuple(pos.shape)} does not match {n_pre} prefix rows + grid "
-                              f"{ctx.grid} x {c} channels")
-        if p.dst_grid is not None and tuple(p.dst_grid) != tuple(ctx.grid):
+        if tuple(p.dst_grid) != tuple(ctx.grid):
             from timm.layers import resample_abs_pos_embed  # timm is a dependency; import only when used
 
             pos = resample_abs_pos_embed(pos, new_size=list(p.dst_grid), old_size=[gh, gw],
