@@ -12,6 +12,10 @@
    stitches fitted by ridge least squares on target images (donor output -> receiver's native
    input), a new head fitted in closed form; then re-ranked by a training-free proxy.
 4. The best one is written as a model folder (:mod:`surgery.assembled`), with a Pareto picture.
+   Next to it, the best single zoo model within the same budget (:mod:`surgery.baseline`, scored
+   on the already loaded models) is reported: the honest baseline a chain has to beat.
+
+The default proxy is the linear probe, by measurement (:data:`surgery.baseline.DEFAULT_PROXY`).
 
 This replaces DeRy's shuffled greedy search, re-drawn random stitches and random new stems
 (research/dery.md §4-6).
@@ -19,6 +23,7 @@ This replaces DeRy's shuffled greedy search, re-drawn random stitches and random
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,18 +39,21 @@ from surgery.assembled import (
     ReassembledModel,
     StagePlan,
     build_parts,
+    cut_segment,
     headless,
-    needs_token_context,
     save,
 )
-from surgery.count import count_macs, count_params
+from surgery.baseline import DEFAULT_PROXY, score_loaded
+from surgery.count import count_params
 from surgery.equivalence import read_partition, run_partition
-from surgery.errors import WorkspaceError
+from surgery.errors import SurgeryError, WorkspaceError
 from surgery.library import load_model_entry
 from surgery.proxy import logme, score_candidate
 from surgery.similarity import compute_similarity, cut_similarity, read_similarity
 from surgery.spec import TensorSpec
 from surgery.stitch import fit_linear_head, fit_stitch, make_head, stitch_cost
+from surgery.token_context import needs_token_context, token_context_from_timm
+from surgery.tracing import one_line
 from surgery.workspace import Workspace
 
 DEFAULT_PROBE = "fashion-mnist"
@@ -81,6 +89,26 @@ class ReassembleResult:
     out_dir: Path | None
     timings: dict[str, float] = field(default_factory=dict)
     zoo_points: list[dict[str, Any]] = field(default_factory=list)
+    best_single: Any = None  # surgery.baseline.SingleScore within the same budget, or None when none fits
+    # chains the solver picked that could not be built or scored: models, blocks and a one-line reason
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ReassemblyError(SurgeryError):
+    """No candidate chain could be built (each one's reason is in the message's first line)."""
+
+
+def junction_cost(receiver: nn.Module, out_spec: TensorSpec, in_spec: TensorSpec) -> tuple[int, int]:
+    """``(params, MACs)`` of the stitch :func:`surgery.assembled.build_parts` makes between two models.
+
+    The receiver's token context (when it needs one) is read from its model exactly as the stitch
+    will be built, so a junction is priced if and only if it can be built.
+
+    Raises:
+        SurgeryError: the stitch cannot be built (unknown specs, no token context for the receiver, ...).
+    """
+    ctx = token_context_from_timm(receiver, in_spec) if needs_token_context(out_spec, in_spec) else False
+    return stitch_cost(out_spec, in_spec, token_context=ctx, project=True)
 
 
 def _announce(msg: str, log: Callable[[str], None] | None) -> None:
@@ -140,22 +168,34 @@ class Sources:
     classes: list[str]
     inputs: dict[str, torch.Tensor]  # target images transformed for each model
     quality: dict[str, float]
+    # dissections of the headless copies (pre-logits output), by model: they cut every block of a chain
+    cuts: dict[str, Any] = field(default_factory=dict)
+    # pre-logits features of each model on its inputs, ``(N, D)`` (only when quality was computed)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    # native activations at the stage boundaries, captured by the quality forward pass (see build_chain)
+    activations: dict[tuple[str, str | None], torch.Tensor] = field(default_factory=dict)
 
 
 def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, target_samples: int, *,
                  with_quality: bool = True, names: list[str] | None = None) -> Sources:
-    """Load the partition's source models (real weights) once, with their stage plans and target inputs."""
-    from surgery.dissection import dissect
+    """Load the partition's source models (real weights) once, with their stage plans and target inputs.
 
+    Each model is traced and probed once (:func:`_headless_cut`); with ``with_quality`` one forward pass
+    per model gives both its pre-logits features (``features``, for LogME) and its activations at the
+    partition's cut nodes (``activations``, for the stitches), up to :data:`ACTIVATION_CACHE_BYTES`.
+    """
     names = names or list(part["models"])
     images, labels, classes = _target_batches(target, seed, target_samples)
-    models, dissections, manifests = {}, {}, {}
+    models, dissections, manifests, cuts = {}, {}, {}, {}
+    # each model's cut nodes in graph order: the ends of its stage blocks but the last
+    bounds = {n: [b["end"] for b in part["models"][n]["stage_blocks"][:-1]] for n in names}
     for n in names:
         _, manifest, model = load_model_entry(ws, n)
         manifests[n] = manifest
         models[n] = model
-        dissections[n] = dissect(model, tuple(manifest["settings"]["input_size"]), name=n,
-                                 granularity=manifest["settings"]["granularity"])
+        cuts[n], dissections[n] = _headless_cut(model, manifest, n, bounds[n])
+        if cuts[n] is None:
+            del cuts[n]
     inputs = {n: _transform(manifests[n])(images) for n in names}
     plans = []
     for k in range(part["stages"]):
@@ -171,39 +211,82 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
         plans.append(by_model)
     # block quality: transferability of each source model to the target (LogME of pre-logits features)
     quality = {n: 0.0 for n in names}
+    features: dict[str, torch.Tensor] = {}
+    activations: dict[tuple[str, str | None], torch.Tensor] = {}
     if with_quality:
         raw = {}
         for n in names:
-            with torch.inference_mode():
-                feats = headless(models[n])(inputs[n])
-            raw[n] = logme(feats.flatten(1), labels)
-        lo, hi = min(raw.values()), max(raw.values())
-        quality = {n: (raw[n] - lo) / (hi - lo) if hi > lo else 0.0 for n in names}
-    return Sources(names, manifests, models, dissections, plans, labels, classes, inputs, quality)
+            if n in cuts:
+                features[n] = _forward_capturing(cuts[n], n, bounds[n], inputs[n], activations)
+            else:
+                with torch.inference_mode():
+                    features[n] = headless(models[n])(inputs[n])
+            raw[n] = logme(features[n].flatten(1), labels)
+        # A model whose LogME is NaN (constant features, e.g. dead weights) keeps NaN: reassemble
+        # leaves it out. It must not enter the min-max scaling, where it would poison every model.
+        finite = [v for v in raw.values() if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+        quality = {n: ((raw[n] - lo) / (hi - lo) if hi > lo else 0.0) if math.isfinite(raw[n]) else math.nan
+                   for n in names}
+    return Sources(names, manifests, models, dissections, plans, labels, classes, inputs, quality, cuts, features,
+                   activations)
+
+
+def _headless_cut(model: nn.Module, manifest: dict[str, Any], name: str, nodes: list[str]) -> tuple[Any, Any]:
+    """(dissection of the headless copy or ``None``, a dissection that cuts at ``nodes``), one trace each.
+
+    The headless copy (classifier removed, output = pre-logits features) is what the last block of a
+    chain is cut from; its graph before the classifier is the model's own, so the same dissection cuts
+    the other blocks and runs the prefixes for the stitches. Were a cut node missing from it (a graph
+    that the classifier's removal renamed), the model itself is dissected instead and the chains' blocks
+    are cut the plain way (:func:`surgery.assembled.cut_segment`).
+    """
+    from surgery.dissection import dissect
+
+    size, granularity = tuple(manifest["settings"]["input_size"]), manifest["settings"]["granularity"]
+    d = dissect(headless(model), size, name=name, granularity=granularity)
+    try:
+        d.split(nodes)
+    except SurgeryError:
+        return None, dissect(model, size, name=name, granularity=granularity)
+    return d, d
+
+
+@torch.inference_mode()
+def _forward_capturing(d, name: str, nodes: list[str], x: torch.Tensor,
+                       activations: dict[tuple[str, str | None], torch.Tensor]) -> torch.Tensor:
+    """Run a headless dissection's blocks cut at ``nodes`` (graph order) on ``x``: the pre-logits features.
+
+    Each cut node's output is stored in ``activations`` under ``(name, node)`` while the total stays within
+    :data:`ACTIVATION_CACHE_BYTES`. The chained blocks run the traced graph, the same operations as the
+    model, so features and activations equal what ``headless(model)(x)`` and a prefix block give.
+    """
+    blocks = d.split(nodes)
+    for node, block in zip([*nodes, None], blocks, strict=True):
+        x = block(x)
+        if node is not None:
+            _cache_put(activations, (name, node), x)
+    return x
+
+
+def _cache_put(activations: dict[tuple[str, str | None], torch.Tensor], key: tuple[str, str | None],
+               value: torch.Tensor) -> None:
+    """Keep ``value`` unless the cache would exceed :data:`ACTIVATION_CACHE_BYTES` (early 224 px maps are large)."""
+    held = sum(t.numel() * t.element_size() for t in activations.values())
+    if held + value.numel() * value.element_size() <= ACTIVATION_CACHE_BYTES:
+        activations[key] = value
 
 
 def single_model(workdir: str | Path, name: str, data: str, *, seed: int = 0, target_samples: int = 256,
-                 proxy: str = "logme", out_dir: str | Path | None = None) -> Ranked:
-    """One zoo model with a new head for ``data``, built like a reassembled chain (the honest baseline).
+                 proxy: str = DEFAULT_PROXY, out_dir: str | Path | None = None) -> Ranked:
+    """One zoo model with a new head for ``data``: :func:`surgery.baseline.baseline` with ``model=name``.
 
-    It goes through the same code as a reassembled model (its K stage blocks chained, no stitches,
-    head fitted in closed form), so both are saved, loaded and fine-tuned the same way.
+    Kept here for existing callers; returns the built :class:`Ranked` (its ``.model`` the network).
     """
-    ws = Workspace(workdir).require()
-    part = read_partition(ws)
-    if name not in part["models"]:
-        raise WorkspaceError(f"{name!r} is not in the partition of {ws.root}")
-    src = load_sources(ws, part, data, seed, target_samples, with_quality=False, names=[name])
-    chain = [src.plans[k][name] for k in range(part["stages"])]
-    model = build_chain(src.models, src.dissections, chain, src.inputs, src.labels, len(src.classes))
-    x = src.inputs[name]
-    score = score_candidate(model, [x], src.labels, proxy=proxy, feature_fn=lambda m, xb: m.forward_features(xb))
-    size = src.manifests[name]["settings"]["input_size"]
-    ranked = Ranked(None, chain, count_params(model), count_macs(model, torch.zeros(1, *size)), float(score),
-                    0.0, model)
-    if out_dir is not None:
-        save_ranked(ranked, ws, Path(out_dir), data, src.classes, None, None, proxy, seed)
-    return ranked
+    from surgery.baseline import baseline
+
+    return baseline(workdir, name, data=data, seed=seed, target_samples=target_samples, proxy=proxy,
+                    out_dir=out_dir).best
 
 
 def reassemble(
@@ -214,7 +297,7 @@ def reassemble(
     data: str | None = None,
     stages: int = 4,
     top: int = 5,
-    proxy: str = "logme",
+    proxy: str = DEFAULT_PROXY,
     probe: str | None = None,
     target_samples: int = 256,
     seed: int = 0,
@@ -233,7 +316,8 @@ def reassemble(
             it the probe data stands in and the head keeps the probe's classes.
         stages: K, used when the workspace has no partition yet.
         top: number of chains solved for and re-ranked.
-        proxy: ``logme`` | ``linear`` | ``naswot`` | ``params``.
+        proxy: ``linear`` (default: the best predictor of fine-tuned accuracy in the transfer
+            benchmark, see :data:`surgery.baseline.DEFAULT_PROXY`) | ``logme`` | ``naswot`` | ``params``.
         probe: probe data for a missing similarity step (default ``fashion-mnist``, else ``digits``).
         target_samples: target images for fitting stitches/head and the proxy.
         seed: seed of every random draw.
@@ -257,9 +341,11 @@ def reassemble(
         part = read_partition(ws)
     except WorkspaceError:
         _announce(f"no partition yet: cutting every model into {stages} stages", log)
-        part = run_partition(ws.root, stages, seed=seed, relax_eps=True)
-        if part["eps"] > 0.2:
-            _announce(f"balance limit relaxed to eps={part['eps']:.2f} so that every model can be cut", log)
+        part = run_partition(ws.root, stages, seed=seed)
+        for n, m in part["models"].items():
+            if m["eps_relaxed"]:
+                _announce(f"balance limit relaxed for {n}: eps={m['eps_used']:.3f} ({part['eps']:g} cannot be met)",
+                          log)
     timings["prepare"] = time.perf_counter() - t0
 
     target = data or sim["settings"]["data"]
@@ -273,11 +359,20 @@ def reassemble(
 
     # candidates per stage and pair data
     K = part["stages"]
+    dead = [n for n in names if not math.isfinite(quality[n])]
+    if dead and len(dead) == len(names):
+        raise SurgeryError(f"no source model has a finite block quality (LogME) on {target}: "
+                           f"{', '.join(dead)} give constant or non-finite features")
+    for n in dead:
+        _announce(f"{n} left out: its block quality (LogME on {target}) is {quality[n]} "
+                  "(constant or non-finite features, e.g. dead weights)", log)
     stage_cands: list[list[Candidate]] = []
     for k in range(K):
         cands = []
         for member in part["sets"][k]["members"]:
             n = member["model"]
+            if n in dead:
+                continue
             params, macs = member["params"], member["macs"]
             if k == K - 1:  # the old classifier goes, the new head comes
                 op, om, np_, nm = _classifier_cost(models[n], manifests[n]["settings"]["input_size"], num_classes)
@@ -285,6 +380,7 @@ def reassemble(
             cands.append(Candidate(id=n, model=n, params=int(params), macs=int(macs), quality=quality[n] / K))
         stage_cands.append(cands)
     pairs: list[StagePairs] = []
+    refused: list[str] = []
     for k in range(K - 1):
         a_list, b_list = stage_cands[k], stage_cands[k + 1]
         P = np.zeros((len(a_list), len(b_list)))
@@ -298,18 +394,21 @@ def reassemble(
                     continue
                 pa, pb = plans[k][a.model], plans[k + 1][b.model]
                 try:
-                    p, m = stitch_cost(pa.out_spec, pb.in_spec, token_context=needs_token_context(
-                        pa.out_spec, pb.in_spec), project=True)
-                except Exception:  # noqa: BLE001 - an impossible junction is simply not allowed
+                    p, m = junction_cost(models[b.model], pa.out_spec, pb.in_spec)
+                except SurgeryError as exc:  # a junction make_stitch would refuse is not offered
+                    refused.append(f"{a.model} -> {b.model} at stage {k + 1}: {one_line(exc)}")
                     allowed[i, j] = False
                     continue
                 P[i, j], M[i, j] = p, m
                 C[i, j] = cut_similarity(sim, (a.model, pa.end), (b.model, pb.start))
         C = np.nan_to_num(C, nan=0.0)
         pairs.append(StagePairs(P, M, C, allowed))
+    if refused:
+        _announce(f"{len(refused)} junction(s) cannot be stitched and are not offered, e.g. {refused[0]}", log)
     program = AssemblyProgram(stage_cands, pairs,
-                              max_params=int(max_params_m * 1e6) if max_params_m is not None else None,
-                              max_macs=int(max_gflops * 1e9) if max_gflops is not None else None,
+                              # floats, not int(): a NaN/inf budget must reach the program's one-line check
+                              max_params=max_params_m * 1e6 if max_params_m is not None else None,
+                              max_macs=max_gflops * 1e9 if max_gflops is not None else None,
                               param_penalty=1e-12)
     for fn in constraints or []:
         program.add_constraint(fn)
@@ -318,51 +417,71 @@ def reassemble(
     _announce(f"solver: {len(chains)} chain(s) within budget", log)
 
     # build, fit and score each chain
-    t_fit = t_proxy = 0.0
+    t_fit = t_proxy = t_count = 0.0
     ranked: list[Ranked] = []
-    activations: dict[tuple[str, str | None], torch.Tensor] = {}
+    activations = dict(src.activations)  # the boundary activations the quality pass already computed
+    skipped: list[dict[str, Any]] = []
     for chain in chains:
         t1 = time.perf_counter()
         chain_plans = [plans[k][bid] for k, bid in enumerate(chain.blocks)]
-        model = build_chain(models, dissections, chain_plans, inputs, labels, num_classes, activations)
-        t_fit += time.perf_counter() - t1
-        t1 = time.perf_counter()
         first = chain_plans[0].model
-        x = inputs[first]
-        score = score_candidate(model, [x], labels, proxy=proxy,
-                                feature_fn=lambda m, xb: m.forward_features(xb))
+        try:
+            model, feats = _build_chain(models, dissections, chain_plans, inputs, labels, num_classes, activations,
+                                        cuts=src.cuts, features=src.features)
+            t_fit += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            # the head was fitted on forward_features of these very images: the feature proxies reuse them
+            # (the same eval-mode, no-grad forward pass would give the same tensor)
+            score = score_candidate(model, [inputs[first]], labels, proxy=proxy,
+                                    feature_fn=lambda m, xb, f=feats: f)
+        except Exception as exc:  # noqa: BLE001 - one chain that cannot be built must not end the run
+            note = one_line(exc)
+            skipped.append({"models": [s.model for s in chain_plans],
+                            "blocks": [[s.start, s.end] for s in chain_plans], "reason": note})
+            _announce(f"chain {' > '.join(s.model for s in chain_plans)} skipped: {note}", log)
+            continue
         t_proxy += time.perf_counter() - t1
-        size = manifests[first]["settings"]["input_size"]
+        t1 = time.perf_counter()
         costs = [(cand.params, cand.macs) for k, bid in enumerate(chain.blocks)
                  for cand in stage_cands[k] if cand.id == bid]
-        ranked.append(Ranked(chain, chain_plans, count_params(model),
-                             count_macs(model, torch.zeros(1, *size)), float(score), chain.objective, model, costs))
+        # MACs from the stored numbers the program summed (block MACs of the dissection, new head for the
+        # old classifier, stitch_cost formulas): they equal count_macs of the built model (tested), without
+        # a counted forward pass per candidate
+        ranked.append(Ranked(chain, chain_plans, count_params(model), int(chain.macs), float(score),
+                             chain.objective, model, costs))
+        t_count += time.perf_counter() - t1
     timings["stitch_fit"] = t_fit
     timings["proxy"] = t_proxy
-    ranked.sort(key=lambda r: r.proxy, reverse=True)
+    timings["count"] = t_count
+    if not ranked:
+        raise ReassemblyError(f"none of the {len(chains)} chain(s) within budget could be built; first: "
+                              f"{' > '.join(skipped[0]['models'])}: {skipped[0]['reason']}")
+    rank_by_proxy(ranked)
     best = ranked[0]
 
-    zoo_points = []
-    for n in names:
-        with torch.inference_mode():
-            feats = headless(models[n])(inputs[n])
-        zoo_points.append({"model": n, "macs": manifests[n]["macs"], "params": manifests[n]["params"],
-                           "proxy": float(_proxy_on_features(proxy, feats, labels, models[n]))})
-    result = ReassembleResult(ranked, best.model, Path(out_dir) if out_dir else None, timings, zoo_points)
+    # every zoo model with a new head, on the models already loaded: the Pareto picture's zoo points
+    # and the best single model within the same budget (what 'surgery baseline' would write)
+    t0 = time.perf_counter()
+    singles = score_loaded(names, models, manifests, inputs, labels, num_classes, proxy,
+                           max_params=max_params_m * 1e6 if max_params_m is not None else None,
+                           max_macs=max_gflops * 1e9 if max_gflops is not None else None,
+                           features=src.features)
+    zoo_points = [{"model": z.model, "macs": z.macs, "params": z.params, "proxy": z.proxy} for z in singles]
+    best_single = singles[0] if singles and singles[0].fits else None
+    timings["zoo_points"] = time.perf_counter() - t0
+    result = ReassembleResult(ranked, best.model, Path(out_dir) if out_dir else None, timings, zoo_points,
+                              best_single, skipped)
     if out_dir is not None:
+        t0 = time.perf_counter()
         save_ranked(best, ws, Path(out_dir), target, classes, max_gflops, max_params_m, proxy, seed)
         write_pareto(result, Path(out_dir) / "pareto.png", proxy)
+        timings["save"] = time.perf_counter() - t0
     return result
 
 
-def _proxy_on_features(proxy: str, feats: torch.Tensor, labels: torch.Tensor, model: nn.Module) -> float:
-    from surgery.proxy import linear_probe_accuracy
-
-    if proxy == "linear":
-        return linear_probe_accuracy(feats.flatten(1), labels)
-    if proxy == "params":
-        return -float(count_params(model))
-    return logme(feats.flatten(1), labels)
+def rank_by_proxy(ranked: list[Ranked]) -> None:
+    """Sort in place, best proxy first; a NaN proxy (e.g. LogME of constant features) ranks last."""
+    ranked.sort(key=lambda r: (not math.isnan(r.proxy), r.proxy), reverse=True)
 
 
 def _default_probe() -> str:
@@ -379,11 +498,38 @@ def _default_probe() -> str:
 
 def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain: list[StagePlan],
                 inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
-                activations: dict[tuple[str, str | None], torch.Tensor] | None = None) -> ReassembledModel:
+                activations: dict[tuple[str, str | None], torch.Tensor] | None = None, *,
+                cuts: dict[str, Any] | None = None) -> ReassembledModel:
     """Build a chain from pretrained blocks, fit its stitches (ridge) and its head (closed form).
 
     ``activations`` caches native cut-point activations across the chains of one run, so a junction
     shared by several top-N chains runs its models' prefixes once (up to :data:`ACTIVATION_CACHE_BYTES`).
+    ``cuts`` maps a model name to the dissection of its headless copy (:attr:`Sources.cuts`); blocks of
+    those models are cut from it instead of re-dissecting the model for every stage of every chain.
+    """
+    return _build_chain(models, dissections, chain, inputs, labels, num_classes, activations, cuts=cuts)[0]
+
+
+def _cutter(models: dict[str, nn.Module], cuts: dict[str, Any]):
+    """``cut(plan, last)`` for :func:`surgery.assembled.build_parts`: split a held headless dissection."""
+    def cut(plan: StagePlan, last: bool) -> tuple[nn.Module, TensorSpec]:
+        d = cuts.get(plan.model)
+        if d is None:
+            return cut_segment(models[plan.model], plan, last=last)
+        # as cut_segment: the last block runs to the headless model's output (pre-logits features)
+        blocks = d.split([c for c in (plan.start, None if last else plan.end) if c is not None])
+        return (blocks[1] if plan.start is not None else blocks[0]), (d.output_spec if last else plan.out_spec)
+    return cut
+
+
+def _build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain: list[StagePlan],
+                 inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
+                 activations: dict[tuple[str, str | None], torch.Tensor] | None = None, *,
+                 cuts: dict[str, Any] | None = None, features: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[ReassembledModel, torch.Tensor]:
+    """:func:`build_chain`, also returning the ``(N, D)`` features the head was fitted on.
+
+    ``features``: pre-logits features of whole source models on their inputs (:attr:`Sources.features`).
     """
     activations = {} if activations is None else activations
 
@@ -392,17 +538,14 @@ def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain
         if key in activations:
             return activations[key]
         out = _activation(models[model_name], dissections[model_name], node, inputs[model_name])
-        # early cut points of 224 px models are hundreds of MiB at 256 images: stop caching at a cap
-        held = sum(t.numel() * t.element_size() for t in activations.values())
-        if held + out.numel() * out.element_size() <= ACTIVATION_CACHE_BYTES:
-            activations[key] = out
+        _cache_put(activations, key, out)
         return out
 
     project = []
     for k in range(1, len(chain)):
         same = chain[k - 1].model == chain[k].model and chain[k - 1].end == chain[k].start
         project.append(None if same else True)
-    parts, roles, feature_spec = build_parts(models, chain, project)
+    parts, roles, feature_spec = build_parts(models, chain, project, cut=_cutter(models, cuts) if cuts else None)
     # fit stitches on native activations: donor output and receiver input on the same images
     stitches = iter([p for p, r in zip(parts, roles, strict=True) if r == "stitch"])
     for k in range(1, len(chain)):
@@ -412,15 +555,32 @@ def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain
         fit_stitch(next(stitches), native(prev.model, prev.end), native(cur.model, cur.start))
     head = make_head(feature_spec, num_classes)
     model = ReassembledModel(parts, roles, head).eval()
+    # forward_features of the target images, resumed after the chain's first-model blocks when their
+    # output is already held (the same blocks on the same images: the same tensor, without the work)
+    first = chain[0].model
+    x, start = inputs[first], 0
+    own = 0  # stages 0..own are consecutive blocks of the first model (no stitch among them)
+    while own + 1 < len(chain) and project[own] is None:
+        own += 1
+    for k in range(own, -1, -1):
+        held = (features or {}).get(first) if chain[k].end is None else activations.get((first, chain[k].end))
+        if held is not None:
+            x, start = held, k + 1  # the parts before stage k+1 are the blocks of stages 0..k
+            break
     with torch.inference_mode():
-        feats = model.forward_features(inputs[chain[0].model])
-    fit_linear_head(head, feats, labels)
-    return model.eval()
+        for part in model.parts[start:]:
+            x = part(x)
+    fit_linear_head(head, x, labels)
+    return model.eval(), x
 
 
 def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes: list[str],
-                max_gflops, max_params_m, proxy: str, seed: int) -> Path:
-    """Save a built chain as a model folder: recipe, weights and model card."""
+                max_gflops, max_params_m, proxy: str, seed: int, kind: str = "reassembled") -> Path:
+    """Save a built chain as a model folder: recipe, weights and model card.
+
+    ``kind`` is ``reassembled`` or ``single`` (one zoo model with a new head, ``surgery baseline``);
+    both load with :func:`surgery.load`.
+    """
     first = best.stages[0]
     manifest = ws.read_dissection(first.model)
     cfg = manifest.get("data_config", {})
@@ -443,11 +603,15 @@ def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes
         "proxy": {"name": proxy, "score": best.proxy},
         "seed": seed,
         "workspace": str(ws.root),
+        "kind": kind,
     }
     rows = "\n".join(f"| {k} | {s.model} | {s.start or '(input)'} → {s.end or '(pre-logits)'} |"
                      for k, s in enumerate(best.stages))
-    card = (f"# Reassembled model\n\nBuilt by `surgery reassemble` from {len(set(s.model for s in best.stages))} "
-            f"source model(s) of the workspace `{ws.root}` for the target `{target}` ({len(classes)} classes).\n\n"
+    made = (f"# Single zoo model with a new head\n\nBuilt by `surgery baseline` from `{first.model}`"
+            if kind == "single" else
+            f"# Reassembled model\n\nBuilt by `surgery reassemble` from {len(set(s.model for s in best.stages))} "
+            "source model(s)")
+    card = (f"{made} of the workspace `{ws.root}` for the target `{target}` ({len(classes)} classes).\n\n"
             f"| stage | source model | block |\n|---|---|---|\n{rows}\n\n"
             f"- parameters: {best.params / 1e6:.3f} M (counted on the model)\n"
             f"- GFLOPs (GMACs, batch 1, input {'x'.join(map(str, first.input_size))}): {best.macs / 1e9:.4f}\n"
@@ -470,7 +634,7 @@ def write_pareto(result: ReassembleResult, path: Path, proxy: str) -> None:
     ax.scatter([result.ranked[0].macs / 1e9], [result.ranked[0].proxy], s=120, facecolors="none",
                edgecolors="black", label="chosen")
     ax.scatter([z["macs"] / 1e9 for z in result.zoo_points], [z["proxy"] for z in result.zoo_points],
-               label="zoo models", color="tab:blue", marker="s")
+               label="zoo models (new head)", color="tab:blue", marker="s")
     for z in result.zoo_points:
         ax.annotate(z["model"], (z["macs"] / 1e9, z["proxy"]), fontsize=7)
     ax.set_xlabel("GFLOPs (GMACs)")

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
+import pytest
 import torch
 from helpers import TINY_ZOO, run_cli
 
 import surgery
+from solvers.partition import min_feasible_eps
+from surgery.equivalence import _candidates
 from surgery.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def sim_workspace(tiny_workspace, tmp_path_factory):
+    """The tiny random-init zoo with a (small) similarity, ready for 'surgery partition'."""
+    from surgery.similarity import compute_similarity
+
+    ws = tmp_path_factory.mktemp("part") / "ws"
+    shutil.copytree(tiny_workspace, ws)
+    compute_similarity(ws, "digits", samples=64, batch_size=32, seed=1)
+    return ws
 
 
 def test_help_lists_commands():
     res = run_cli("--help")
-    for cmd in ("dissect", "inspect", "similarity", "partition", "reassemble", "finetune", "evaluate", "zoo", "demo"):
+    for cmd in ("dissect", "inspect", "similarity", "partition", "reassemble", "baseline", "finetune", "evaluate",
+                "zoo", "demo"):
         assert cmd in res.stdout
 
 
@@ -95,3 +112,41 @@ def test_corrupt_workspace_is_reported(tmp_path, tiny_workspace):
     assert "Traceback" not in res.stderr
     # nothing already written is lost: the manifests are untouched
     assert json.loads((ws / "models" / "test_resnet" / "dissection.json").read_text())["schema"]
+
+
+def test_partition_default_relaxes_per_model_and_reports_it(sim_workspace):
+    # at K = 3 the tiny zoo's resnet cannot be cut within eps = 0.2 (an indivisible heavy block):
+    # the default holds every model to max(0.2, its smallest feasible eps) and says so
+    ws = Workspace(sim_workspace)
+    need = {n: min_feasible_eps(*_candidates(ws.read_dissection(n))[1:], 3) for n in TINY_ZOO}
+    assert any(v > 0.2 for v in need.values()) and any(v <= 0.2 for v in need.values())
+    part = run_cli("partition", str(sim_workspace), "--stages", "3", "--no-plots", "--json").json()
+    assert part == json.loads((sim_workspace / "partition.json").read_text())
+    assert part["eps"] == 0.2 and part["eps_strict"] is False
+    for name, m in part["models"].items():
+        assert m["eps_used"] == pytest.approx(max(0.2, need[name]))
+        assert m["eps_relaxed"] == (need[name] > 0.2)
+        cap = (1 + m["eps_used"]) * m["total_macs"] / 3
+        assert max(b["macs"] for b in m["stage_blocks"]) <= cap * (1 + 1e-9)
+    text = run_cli("partition", str(sim_workspace), "--stages", "3", "--no-plots").stdout
+    for name in TINY_ZOO:
+        line = [ln for ln in text.splitlines() if "relaxed" in ln and name in ln]
+        assert bool(line) == (need[name] > 0.2), (name, text)
+        if line:
+            assert f"{need[name]:.3f}" in line[0]
+
+
+def test_partition_explicit_eps_is_strict(sim_workspace):
+    ws = Workspace(sim_workspace)
+    need = max(min_feasible_eps(*_candidates(ws.read_dissection(n))[1:], 3) for n in TINY_ZOO)
+    res = run_cli("partition", str(sim_workspace), "--stages", "3", "--eps", "0.2", "--no-plots", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    shown = float(re.search(r"smallest eps that works is ([0-9.]+)", res.stderr).group(1))
+    assert shown == pytest.approx(need, abs=1e-3)
+    # an explicit eps every model meets is used as is, for every model
+    part = run_cli("partition", str(sim_workspace), "--stages", "3", "--eps", f"{need + 0.01:.3f}", "--no-plots",
+                   "--json").json()
+    assert part["eps_strict"] is True
+    assert all(m["eps_used"] == pytest.approx(need + 0.01, abs=1e-3) for m in part["models"].values())
+    assert not any(m["eps_relaxed"] for m in part["models"].values())
