@@ -11,11 +11,18 @@
 
 Nothing here is tuned on the test split: the chain is picked by the program and a training-free
 proxy, the baseline by validation accuracy.
+
+Reproducibility: everything runs with :data:`zoo.mini.MINI_THREADS` intra-op threads whatever the
+core count, and ``demo.json`` records what else decides the floats (torch version, CPU kernels,
+the zoo's weight checksums; :func:`surgery.minizoo.numerics`). Same record, same numbers, bit for
+bit; another CPU sums in another order and moves accuracies by a few test images, which is why the
+verdict states the test split's size and the difference in images beside a binomial yardstick.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,7 @@ PROBE = "fashion-mnist"
 
 
 def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: Console | None = None,
-             epochs: int | None = None, stages: int = 3, seed: int = 0) -> dict[str, Any]:
+             epochs: int | None = None, stages: int = 3, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and print (or return) the comparison table.
 
     Args:
@@ -39,14 +46,28 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
         epochs: fine-tuning epochs for both contenders (default 6, 1 with ``quick``).
         stages: K equivalence sets.
         seed: seed of every draw.
+        threads: intra-op threads for the whole run (default :data:`zoo.mini.MINI_THREADS`): the
+            count changes the numbers, so it follows the recipe, not the machine's cores.
     """
+    from surgery.minizoo import pinned_threads
+    from zoo.mini import MINI_THREADS
+
+    threads = MINI_THREADS if threads is None else threads
+    with pinned_threads(threads):
+        return _run_demo(out, quick=quick, as_json=as_json, console=console, epochs=epochs, stages=stages,
+                         seed=seed, threads=threads)
+
+
+def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None, epochs: int | None, stages: int,
+              seed: int, threads: int) -> dict[str, Any]:
     from surgery.equivalence import run_partition
     from surgery.finetune import evaluate_model_dir, finetune_model_dir
     from surgery.library import dissect_zoo
-    from surgery.minizoo import build_mini_zoo
+    from surgery.minizoo import CARDS_FILE, build_mini_zoo, numerics
     from surgery.reassembly import reassemble, single_model
     from surgery.similarity import compute_similarity
     from surgery.workspace import Workspace
+    from zoo.data import load_split
     from zoo.entries import resolve_zoo
 
     console = console or Console()
@@ -62,7 +83,7 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
 
     t0 = time.perf_counter()
     say("[1/6] mini-zoo (trained once, then cached)")
-    zoo_path = build_mini_zoo(out / "mini-zoo-quick" if quick else None, quick=quick, quiet=as_json)
+    zoo_path = build_mini_zoo(out / "mini-zoo-quick" if quick else None, quick=quick, quiet=as_json, threads=threads)
     step("mini-zoo", t0)
 
     t0 = time.perf_counter()
@@ -80,7 +101,7 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
     sim_path = ws.root / "similarity" / "similarity.json"
     if not sim_path.exists() or json.loads(sim_path.read_text())["settings"].get("samples") != samples:
         compute_similarity(ws.root, PROBE, samples=samples, seed=seed)
-    part = run_partition(ws.root, stages, seed=seed, relax_eps=True)
+    part = run_partition(ws.root, stages, seed=seed)
     step("similarity+partition", t0)
 
     # budget: the median zoo model's MACs, so that some zoo models fit and some do not
@@ -117,8 +138,14 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
     step("finetune", t0)
     single_rows = [r for r in rows if r["method"].startswith("single")]
     best_single = max(single_rows, key=lambda r: r["val_top1"]) if single_rows else None
+    # finetune_model_dir evaluates on this split (same spec and seed): its size turns accuracies into images.
+    test_images = len(load_split(TARGET, "test", seed=seed))
+    cards = json.loads((zoo_path.parent / CARDS_FILE).read_text())["models"]
     summary = {"budget_gflops": budget_g, "target": TARGET, "epochs": epochs, "stages": stages, "quick": quick,
                "rows": rows, "best_single": best_single["method"] if best_single else None,
+               "test_images": test_images, "verdict": verdict(rows[0], best_single, test_images),
+               # What decides the floats: two runs with the same record give the same table bit for bit.
+               "numerics": numerics(), "zoo_weights_sha256": {n: c["weights_sha256"] for n, c in cards.items()},
                "timings": timings, "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     if as_json:
@@ -130,15 +157,53 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
     return summary
 
 
+def verdict(reassembled: dict[str, Any], best_single: dict[str, Any] | None, test_images: int) -> dict[str, Any]:
+    """Reassembled vs best single on the test split, in images, against a binomial yardstick.
+
+    The yardstick is two standard errors of a difference of two accuracies measured on ``n`` images,
+    ``2 * sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``: the spread that sampling ``n`` test images alone
+    gives. Retraining on another machine (other float summation order) or with another seed moves
+    each accuracy by about that much (README), so a smaller difference is not a finding.
+
+    Returns:
+        ``{"test_images", "reassembled_top1", "best_single_top1", "difference_images", "noise_images",
+        "yardstick", "within_noise", "text"}``; ``difference_images`` and ``within_noise`` are None
+        without a single model in the budget.
+    """
+    n = test_images
+    a = reassembled["test_top1"]
+    yardstick = "2 binomial standard errors of the difference of two accuracies on the test images"
+    if best_single is None:
+        return {"test_images": n, "reassembled_top1": a, "best_single_top1": None, "difference_images": None,
+                "noise_images": None, "yardstick": yardstick, "within_noise": None,
+                "text": f"reassembled {100 * a:.1f}% on {n} test images; no single zoo model fits the budget"}
+    b = best_single["test_top1"]
+    diff = round(a * n) - round(b * n)  # top-1 is correct / n, so these are the images each got right
+    noise = 2 * math.sqrt(a * (1 - a) / n + b * (1 - b) / n) * n
+    within = abs(diff) <= noise
+    reading = "no winner" if within else f"reassembly {'wins' if diff > 0 else 'loses'}"
+    text = (f"reassembled {100 * a:.1f}% vs best single {100 * b:.1f}% on {n} test images: {diff:+d} images, "
+            f"{'within' if within else 'beyond'} noise (2 binomial SE = {noise:.0f} images): {reading}")
+    return {"test_images": n, "reassembled_top1": a, "best_single_top1": b, "difference_images": diff,
+            "noise_images": round(noise, 1), "yardstick": yardstick, "within_noise": within, "text": text}
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
-    """The demo's result table (reassembled vs the best single model) from a ``demo.json`` summary."""
+    """The demo's result table (reassembled vs the best single model) from a ``demo.json`` summary.
+
+    The caption is the verdict (:func:`verdict`) when the summary has one.
+    """
     rows = summary["rows"]
+    notes = []
+    if summary.get("verdict"):
+        notes.append(summary["verdict"]["text"])
+    if summary.get("quick"):
+        notes.append("--quick: smoke-test zoo trained on a few hundred images, accuracies mean nothing")
     table = Table(title=f"{summary['target']}: reassembled vs the best single zoo model within "
                         f"{summary['budget_gflops']:.4f} GFLOPs, both fine-tuned {summary['epochs']} "
                         f"epoch{'s' if summary['epochs'] != 1 else ''} "
                         "with the same recipe (top-1 %)",
-                  caption="--quick: smoke-test zoo trained on a few hundred images, accuracies mean nothing"
-                  if summary.get("quick") else None)
+                  caption="\n".join(notes) or None)
     table.add_column("method", no_wrap=True)
     table.add_column("blocks from", no_wrap=True)
     for col in ("M params", "GFLOPs", "val (no FT)", "val", "test"):

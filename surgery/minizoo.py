@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,11 +49,11 @@ from surgery.train import TrainConfig, evaluate, train
 from surgery.workspace import atomic_path
 from zoo.data import ImageDataset, load_splits, make_loader, make_transform
 from zoo.entries import ZooEntry, build_model, data_config, save_weights, save_zoo_file
-from zoo.mini import MINI_INPUT_SIZE, MINI_INTERPOLATION, MINI_ZOO, MiniSpec, spec_hash
+from zoo.mini import MINI_INPUT_SIZE, MINI_INTERPOLATION, MINI_THREADS, MINI_ZOO, MiniSpec, spec_hash
 
 __all__ = [
-    "build_mini_zoo", "default_mini_zoo_dir", "probe_input", "ZOO_FILE", "CARDS_FILE", "README_FILE",
-    "CARDS_FORMAT", "QUICK",
+    "build_mini_zoo", "default_mini_zoo_dir", "probe_input", "numerics", "pinned_threads", "ZOO_FILE", "CARDS_FILE",
+    "README_FILE", "CARDS_FORMAT", "QUICK",
 ]
 
 ZOO_FILE = "mini-zoo.yaml"
@@ -75,6 +76,53 @@ def default_mini_zoo_dir() -> Path:
     """``$XDG_CACHE_HOME/surgery/mini-zoo``, or ``~/.cache/surgery/mini-zoo`` when the variable is unset."""
     base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
     return Path(base).expanduser() / "surgery" / "mini-zoo"
+
+
+def numerics() -> dict[str, Any]:
+    """What decides this process's float results besides the code, the data and the seeds.
+
+    Same values on two machines give bit-identical weights and accuracies; a different thread count
+    or CPU kernel set gives different float summation orders, hence different (equally good) numbers.
+
+    Returns:
+        ``torch`` and ``timm`` versions, intra-op ``threads``, ``cpu_capability`` (the SIMD kernel set
+        ATen dispatches to: ``AVX512``, ``AVX2``, ...), ``onednn_max_cpu_isa`` (the environment's cap on
+        oneDNN's kernels, which run the convolutions; None means the best the CPU has), ``cpu`` (the
+        processor's model name, since oneDNN also sizes its blocking to the caches) and ``device``.
+    """
+    return {
+        "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        "cpu": _cpu_model(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads, then give the caller's count back.
+
+    torch defaults to one thread per core, and the thread count changes the order in which
+    convolution gradients are summed: the same seed then gives different weights on a machine with
+    more cores (measured: see :data:`zoo.mini.MINI_THREADS`).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def probe_input(batch: int = _PROBE_BATCH) -> torch.Tensor:
@@ -174,8 +222,10 @@ def _plan(spec: MiniSpec, folder: Path, quick: bool) -> dict[str, Any]:
     return {"entry": entry, "meta_model": meta_model, "norm": norm, "config_hash": config_hash}
 
 
-def _cache_hit(card: dict[str, Any] | None, plan: dict[str, Any]) -> bool:
+def _cache_hit(card: dict[str, Any] | None, plan: dict[str, Any], threads: int) -> bool:
     if not card or card.get("config_hash") != plan["config_hash"]:
+        return False
+    if card.get("torch_threads") != threads:  # other weights than this thread count gives (pinned_threads)
         return False
     weights: Path = plan["entry"].weights
     return weights.is_file() and card.get("weights_sha256") == _sha256(weights)
@@ -249,7 +299,7 @@ def _train_one(spec: MiniSpec, plan: dict[str, Any], quick: bool, quiet: bool, n
         "train_cpu_seconds": round(train_cpu_seconds, 2),
         "eval_seconds": round(eval_seconds, 2), "train_images_per_s": round(last["images_per_s"], 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu",  # where train() ran (device="auto")
-        "torch_threads": torch.get_num_threads(), "quick": quick,
+        "torch_threads": torch.get_num_threads(), "numerics": numerics(), "quick": quick,
         "config_hash": plan["config_hash"], "weights": entry.weights.name, "weights_sha256": _sha256(entry.weights),
         "probe_logits": [[round(float(v), 6) for v in row] for row in logits.tolist()],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
@@ -332,8 +382,14 @@ def _readme(cards: dict[str, dict[str, Any]], build: dict[str, Any]) -> str:
         f"Last build: {build.get('finished_at', '?')}, {build.get('total_seconds', 0):.0f} s in all "
         f"({len(build.get('trained', []))} trained, {len(build.get('cached', []))} reused from cache) "
         f"with torch {versions.get('torch', '?')}, timm {versions.get('timm', '?')}, "
-        f"{build.get('torch_threads', '?')} threads (1-minute load average {build.get('load_average_at_start')} "
+        f"{build.get('torch_threads', '?')} threads, {build.get('numerics', {}).get('cpu_capability', '?')} "
+        f"kernels (1-minute load average {build.get('load_average_at_start')} "
         f"at the start, {build.get('load_average_at_end')} at the end: other work on the machine slows training).",
+        "",
+        "Reproducibility: a rebuild with the same `numerics` in `cards.json` (torch version, threads, CPU "
+        "kernels and model) gives the same `weights_sha256`, bit for bit. Another CPU or thread count sums "
+        "floats in another order and trains different, equally good weights: test top-1 then moves by "
+        "tenths of a point, up to about one.",
         "",
         "Licence of the training data: Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), MIT.",
         "",
@@ -353,6 +409,7 @@ def build_mini_zoo(
     on_model: OnModel | None = None,
     names: Sequence[str] | None = None,
     specs: Sequence[MiniSpec] | None = None,
+    threads: int = MINI_THREADS,
 ) -> Path:
     """Train (or reuse) the mini-zoo and write its zoo file, weights, cards.json and README.md.
 
@@ -366,6 +423,9 @@ def build_mini_zoo(
             trained), ``"train"``, ``"evaluate"``, ``"save"`` or ``"done"``.
         names: build only these models (others already current in the folder stay in the zoo file).
         specs: the zoo definition; default :data:`zoo.mini.MINI_ZOO`.
+        threads: intra-op threads for training, whatever the machine's core count (the count changes
+            the weights; :data:`zoo.mini.MINI_THREADS`). Cached models trained with another count
+            are retrained.
 
     Returns:
         Path of the zoo YAML file. It lists every spec whose weights in the folder match the
@@ -376,6 +436,8 @@ def build_mini_zoo(
             saved model that does not rebuild to the trained one.
         DataError: Fashion-MNIST not installed.
     """
+    if threads < 1:
+        raise SurgeryError(f"threads must be at least 1, got {threads}")
     specs = list(MINI_ZOO if specs is None else specs)
     known = {s.name for s in specs}
     if len(known) != len(specs):
@@ -400,9 +462,11 @@ def build_mini_zoo(
         # Only specs that are to be built or that may already be current need a plan (a meta build).
         plans = {s.name: _plan(s, folder, quick) for s in specs if s.name in selected or s.name in old_cards}
         # Cards of current models only: a changed spec's old card and weights no longer describe it.
-        cards = {n: c for n, c in old_cards.items() if n in plans and _cache_hit(c, plans[n])}
-        build: dict[str, Any] = {"trained": [], "cached": [], "quick": quick, "torch_threads": torch.get_num_threads(),
-                                 "load_average_at_start": _load_average()}
+        cards = {n: c for n, c in old_cards.items() if n in plans and _cache_hit(c, plans[n], threads)}
+        with pinned_threads(threads):
+            machine = numerics()
+        build: dict[str, Any] = {"trained": [], "cached": [], "quick": quick, "torch_threads": threads,
+                                 "numerics": machine, "load_average_at_start": _load_average()}
         todo = [s for s in specs if s.name in selected]
         for i, spec in enumerate(todo, 1):
             notify = (lambda phase, _n=spec.name: notify_all(_n, phase))
@@ -413,7 +477,8 @@ def build_mini_zoo(
                 continue
             say(f"[{i}/{len(todo)}] {spec.name}: training {spec.arch} on {spec.data!r}")
             cards.pop(spec.name, None)
-            card = _train_one(spec, plans[spec.name], quick, quiet, notify)
+            with pinned_threads(threads):
+                card = _train_one(spec, plans[spec.name], quick, quiet, notify)
             cards[spec.name] = card
             build["trained"].append(spec.name)
             say(f"[{i}/{len(todo)}] {spec.name}: test top-1 {100 * card['test_top1']:.1f}% "

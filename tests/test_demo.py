@@ -15,7 +15,8 @@ from helpers import run_cli
 from rich.console import Console
 from test_minizoo import needs_fashion_mnist
 
-from surgery.demo import summary_table
+from surgery.demo import summary_table, verdict
+from zoo.mini import MINI_THREADS
 
 
 def _summary() -> dict:
@@ -27,8 +28,9 @@ def _summary() -> dict:
         {"method": "single: regnetx-fm04", "models": "regnetx-fm04", "params": 2_319_000,
          "macs": 4.1e6, "val_top1_before": 0.60, "val_top1": 0.85, "test_top1": 0.855},
     ]
+    n = 360
     return {"target": "digits", "budget_gflops": 0.0064, "epochs": 6, "rows": rows,
-            "best_single": "single: efficientnet-fmall"}
+            "best_single": "single: efficientnet-fmall", "test_images": n, "verdict": verdict(rows[0], rows[1], n)}
 
 
 def test_summary_table_fits_80_columns_without_cutting_names():
@@ -42,6 +44,27 @@ def test_summary_table_fits_80_columns_without_cutting_names():
     assert "regnetx-fm04" not in text  # only the best single model is shown
     assert "94.4" in text and "93.0" in text
     assert "smoke-test" not in text
+    # The verdict line: test split size and the difference in images, with its noise yardstick.
+    assert "on 360 test images: +5 images" in " ".join(text.split())
+    assert "within noise" in " ".join(text.split())
+
+
+def test_verdict_counts_images_and_reads_them_against_binomial_noise():
+    n = 360
+    same = verdict({"test_top1": 300 / n}, {"test_top1": 295 / n}, n)
+    assert same["test_images"] == n and same["difference_images"] == 5
+    # One SE of a difference of two accuracies near 83% on 360 images is about 10 images; 2 SE about 20.
+    assert 15 < same["noise_images"] < 25 and same["within_noise"]
+    assert "+5 images" in same["text"] and f"{n} test images" in same["text"] and "no winner" in same["text"]
+    far = verdict({"test_top1": 300 / n}, {"test_top1": 250 / n}, n)
+    assert far["difference_images"] == 50 and not far["within_noise"] and "reassembly wins" in far["text"]
+    worse = verdict({"test_top1": 250 / n}, {"test_top1": 300 / n}, n)
+    assert worse["difference_images"] == -50 and "reassembly loses" in worse["text"]
+    # More test images, less noise: the same 1.4-point gap is beyond noise on a 36,000-image split.
+    big = verdict({"test_top1": 0.944}, {"test_top1": 0.930}, 100 * n)
+    assert big["difference_images"] == 504 and not big["within_noise"]
+    alone = verdict({"test_top1": 0.9}, None, n)
+    assert alone["difference_images"] is None and "no single zoo model" in alone["text"]
 
 
 def test_quick_summary_table_says_its_accuracies_mean_nothing():
@@ -69,3 +92,12 @@ def test_quick_demo_writes_a_coherent_summary(tmp_path):
                                        "finetune"}
     assert (out / "reassembled" / "model.safetensors").exists() and (out / "reassembled" / "finetune.json").exists()
     assert (out / "mini-zoo-quick" / "mini-zoo.yaml").exists()
+    # The verdict in images on the real test split, and what decides the numbers.
+    v = summary["verdict"]
+    assert v["test_images"] == summary["test_images"] > 0
+    best = next(r for r in singles if r["method"] == summary["best_single"])
+    assert v["difference_images"] == round(rows[0]["test_top1"] * v["test_images"]) - round(
+        best["test_top1"] * v["test_images"])
+    assert f"{v['test_images']} test images" in v["text"]
+    assert summary["numerics"]["threads"] == MINI_THREADS
+    assert set(summary["zoo_weights_sha256"]) >= {r["method"].removeprefix("single: ") for r in singles}

@@ -18,10 +18,10 @@ import torch
 
 from surgery.count import count_params
 from surgery.errors import SurgeryError
-from surgery.minizoo import CARDS_FILE, README_FILE, build_mini_zoo, default_mini_zoo_dir, probe_input
+from surgery.minizoo import CARDS_FILE, README_FILE, build_mini_zoo, default_mini_zoo_dir, numerics, probe_input
 from zoo.data import FASHION_MNIST_DIRS, load_split
 from zoo.entries import build_model, data_config, load_zoo_file
-from zoo.mini import MINI_INPUT_SIZE, MINI_ZOO, mini_spec, spec_hash
+from zoo.mini import MINI_INPUT_SIZE, MINI_THREADS, MINI_ZOO, mini_spec, spec_hash
 
 try:
     from surgery.dissection import dissect
@@ -183,3 +183,46 @@ def test_changed_spec_or_damaged_weights_retrain_only_those_models(quick_zoo):
     build_mini_zoo(folder, quick=True, quiet=True, specs=specs[:2])
     assert [e.name for e in load_zoo_file(path)] == QUICK_NAMES[:2]
     assert (folder / "vit-fmall.safetensors").is_file()
+
+
+def test_weights_do_not_depend_on_the_callers_thread_count(quick_zoo, tmp_path):
+    # torch's thread count follows the machine's cores and changes oneDNN's summation order; the
+    # build pins its own count, so a caller (or machine) with another count gets the same weights.
+    path, _ = quick_zoo  # built by a caller with this module's 2 threads
+    name = QUICK_NAMES[0]
+    torch.set_num_threads(1)  # another caller (or machine) with 1
+    try:
+        build_mini_zoo(tmp_path, quick=True, quiet=True, names=[name])
+    finally:
+        torch.set_num_threads(2)
+    mine, theirs = _cards(tmp_path)["models"][name], _cards(path.parent)["models"][name]
+    assert mine["weights_sha256"] == theirs["weights_sha256"]
+    assert mine["torch_threads"] == mine["numerics"]["threads"] == MINI_THREADS
+
+
+def test_cards_record_what_decides_the_numbers(quick_zoo):
+    path, _ = quick_zoo
+    cards = _cards(path.parent)
+    for card in cards["models"].values():
+        assert set(card["numerics"]) == set(numerics())
+        assert card["numerics"]["torch"] == torch.__version__
+        assert card["numerics"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cards["build"]["numerics"]["threads"] == cards["build"]["torch_threads"] == MINI_THREADS
+    assert cards["build"]["numerics"]["cpu_capability"] in (path.parent / README_FILE).read_text()
+
+
+@needs_fashion_mnist
+def test_a_model_cached_with_another_thread_count_is_retrained(tmp_path):
+    name = QUICK_NAMES[0]
+    torch.set_num_threads(3)
+    try:
+        build_mini_zoo(tmp_path, quick=True, quiet=True, names=[name], threads=MINI_THREADS + 1)
+        assert torch.get_num_threads() == 3  # the caller's count is given back
+        assert _cards(tmp_path)["models"][name]["torch_threads"] == MINI_THREADS + 1
+        phases = Phases()
+        build_mini_zoo(tmp_path, quick=True, quiet=True, names=[name], on_model=phases)
+        assert phases.seen[name][0] == "train"
+        assert _cards(tmp_path)["models"][name]["torch_threads"] == MINI_THREADS
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(2)
