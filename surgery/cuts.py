@@ -262,7 +262,8 @@ def crossing_rules(nodes: Sequence, probes_values: Sequence[dict[str, Any]], is_
 
 # --- runs and granularity ------------------------------------------------------------------------
 
-def group_runs(cuts: Sequence[int], is_compute: Sequence[bool]) -> list[list[int]]:
+def group_runs(cuts: Sequence[int], is_compute: Sequence[bool],
+               starts_run: Sequence[bool] | None = None) -> list[list[int]]:
     """Group cut positions into runs: consecutive cuts with no other tensor-producing node between them.
 
     ``add -> relu`` after a residual block is one run: splitting after ``add`` or after ``relu`` is the
@@ -271,10 +272,15 @@ def group_runs(cuts: Sequence[int], is_compute: Sequence[bool]) -> list[list[int
     Args:
         cuts: sorted valid cut positions.
         is_compute: per position, whether the node produces a tensor (a non-cut one ends a run).
+        starts_run: per position, whether a cut there always starts a new run: a leaf that is a whole
+            sub-network (an attention module kept as a leaf for its train-mode behaviour, see
+            :func:`surgery.tracing.reads_training`) is not "the same place" as the cut before it, as it was
+            not while its inner nodes were traced.
     """
     runs: list[list[int]] = []
     for c in cuts:
-        if runs and not any(is_compute[i] for i in range(runs[-1][-1] + 1, c)):
+        if (runs and not any(is_compute[i] for i in range(runs[-1][-1] + 1, c))
+                and not (starts_run is not None and starts_run[c])):
             runs[-1].append(c)
         else:
             runs.append([c])

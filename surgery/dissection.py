@@ -15,6 +15,7 @@ torchvision's feature extractor (``research/ecosystem.md`` §1), written for sin
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from surgery import cuts as C
 from surgery.count import count_params
 from surgery.errors import SurgeryError, TraceError
 from surgery.spec import BlockInfo, TensorSpec
-from surgery.tracing import Probe, TensorShape, has_tensor, one_line, run_probe, trace_model
+from surgery.tracing import Probe, TensorShape, adopt_mode, has_tensor, modes_kept, one_line, run_probe, trace_model
 
 __all__ = ["dissect", "Dissection", "GRANULARITIES"]
 
@@ -43,70 +44,176 @@ _RESOLUTION_STEPS = ((32, 64), (64, 64))
 
 # --- tensor specs ------------------------------------------------------------------------------
 
+_MAX_PREFIX = 16  # class + distillation + register tokens (timm models have at most 5)
+
+
+def _aspect_ok(gh: int, gw: int, hw: tuple[int, int]) -> bool:
+    """Whether a ``gh x gw`` grid can cover an ``H x W`` input: stride >= 1 and the input's aspect ratio
+    up to rounding by one cell (exact for square inputs)."""
+    h, w = hw
+    return 1 <= gh <= h and 1 <= gw <= w and 2 * abs(gh * w - gw * h) < h + w
+
+
+def _aspect_grids(m: int, hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Grids of ``m`` cells that have the aspect ratio of an ``H x W`` input."""
+    out = []
+    for gh in range(1, math.isqrt(m) + 1):
+        if m % gh == 0:
+            out += [g for g in {(gh, m // gh), (m // gh, gh)} if _aspect_ok(*g, hw)]
+    return out
+
+
 def _tokens_layout(n: int, n_res: int | None, hw: tuple[int, int], hw_res: tuple[int, int] | None,
-                   prefix_hint: int | None) -> tuple[tuple[int, int] | None, int | None, int]:
-    """Patch grid, stride and prefix-token count of ``n`` tokens, from the input size (and a 2nd probe)."""
+                   prefix_hint: int | None, max_prefix: int = _MAX_PREFIX
+                   ) -> tuple[tuple[int, int] | None, int | None, int]:
+    """Patch grid, stride and prefix-token count of ``n`` tokens, from the input size (and a 2nd probe).
+
+    ``n = prefix + gh * gw``, preferring in turn: the model's own prefix count (``prefix_hint``), fewer
+    prefix tokens, a grid of integer stride ``(H/s, W/s)`` over any other grid of the input's aspect
+    ratio (PiT's 27 x 27 from a 16-wide, stride-8 patch conv at 224 px; LeViT's 5 x 5 at 288 px).
+    With the resolution probe the same prefix count must explain ``n_res`` at ``hw_res``. ``n``
+    tokens that are all prefix tokens (PiT's final class token) need ``n == prefix_hint``. Returns
+    ``(None, None, 0)`` when nothing fits.
+    """
     h, w = hw
     best = None
-    for s in range(1, h + 1):
-        if h % s or w % s:
-            continue
-        area = (h // s) * (w // s)
-        prefix = n - area
-        if not 0 <= prefix <= 16:
-            continue
-        if hw_res is not None and n_res is not None:
-            if hw_res[0] % s or hw_res[1] % s or n_res - (hw_res[0] // s) * (hw_res[1] // s) != prefix:
-                continue
-        score = (prefix != prefix_hint, prefix)  # the model's own num_prefix_tokens wins, then fewest
-        if best is None or score < best[0]:
-            best = (score, (h // s, w // s), s, prefix)
+    for prefix in range(min(max_prefix, n) + 1):
+        m, m_res = n - prefix, (n_res - prefix if n_res is not None else None)
+        other_count = prefix != prefix_hint
+        options = []  # (score, grid, stride)
+        if m == 0:
+            if not other_count and m_res in (None, 0):
+                options.append(((other_count, prefix, 0), None, None))
+        else:
+            for s in range(1, min(h, w) + 1):
+                if h % s or w % s or (h // s) * (w // s) != m:
+                    continue
+                if m_res is not None and (hw_res[0] % s or hw_res[1] % s
+                                          or (hw_res[0] // s) * (hw_res[1] // s) != m_res):
+                    continue
+                options.append(((other_count, prefix, 0), (h // s, w // s), s))
+            if m_res is None or (m_res > 0 and _aspect_grids(m_res, hw_res)):
+                options += [((other_count, prefix, 1), g, h // g[0]) for g in _aspect_grids(m, hw)]
+        for score, grid, stride in options:
+            if best is None or score < best[0]:
+                best = (score, grid, stride, prefix)
     if best is None:
         return None, None, 0
     return best[1], best[2], best[3]
 
 
-def infer_spec(shape: tuple[int, ...], res_shape: tuple[int, ...] | None, hw: tuple[int, int],
-               hw_res: tuple[int, int] | None, prefix_hint: int | None = None) -> TensorSpec:
-    """Describe a tensor crossing a cut from its batch-1 shape (and its shape at a second resolution).
+def _positions_spec(shape: tuple[int, ...], channels_last: bool, n_res: int | None, hw: tuple[int, int],
+                    hw_res: tuple[int, int] | None) -> TensorSpec:
+    """An ``"other"`` spec: features on the last (or first) non-batch dim, positions in the rest, in an
+    order no layout describes; the grid is given when the number of positions fits one."""
+    channels = shape[-1] if channels_last else shape[1]
+    m = math.prod(shape[1:-1] if channels_last else shape[2:])
+    grid, stride, _ = _tokens_layout(m, n_res, hw, hw_res, 0, max_prefix=0)
+    return TensorSpec("other", channels, grid, stride, 0, shape)
 
-    Layout: 4-d tensors are ``NCHW`` unless the dims that follow the resolution are 1 and 2 (``NHWC``,
-    e.g. timm Swin stages); without a resolution probe, a 4-d tensor whose dims 1-2 have the input's
-    aspect ratio and dims 2-3 do not is taken as ``NHWC``. 3-d tensors are ``NLC`` tokens; their patch
-    grid and prefix tokens are found as ``N = prefix + (H/s)(W/s)`` for a stride ``s`` (preferring the
-    model's ``num_prefix_tokens``). 2-d tensors are ``NC`` vectors.
+
+def infer_spec(shape: tuple[int, ...], res_shape: tuple[int, ...] | None, hw: tuple[int, int],
+               hw_res: tuple[int, int] | None, prefix_hint: int | None = None, *, raster: bool = True,
+               batch2_shape: tuple[int, ...] | None = None) -> TensorSpec:
+    """Describe a tensor crossing a cut from its batch-1 shape (and its shapes in other probes).
+
+    A spec is right or says ``"other"`` (unknown, never stitched):
+
+    * A first dim that does not follow the batch (TNT's pixel tokens fold ``B * N``): ``"other"``.
+    * 4-d: with a resolution probe, the dims that follow the resolution are the grid: 2-3 ``NCHW``,
+      1-2 ``NHWC`` (timm Swin stages); anything else (NesT's blockified ``(B, T, N, C)`` changes only
+      ``T``) is ``"other"``. Without a probe (or when nothing follows it: pooled maps), the grid is the
+      pair of dims with the input's aspect ratio (dims 2-3 first); when neither pair has it,
+      ``"other"``, with the feature dim last when the other dims hold a grid's worth of positions
+      (NesT: ``16 x 196 = 56 x 56`` positions of 96 channels), else first.
+    * 3-d: ``NLC`` tokens, ``N = prefix + gh * gw`` (see :func:`_tokens_layout`); grid ``None`` when no
+      grid explains ``N``. Tokens that are not in raster order (``raster=False``: Hiera after its
+      unroll) are ``"other"``; so are ``(B, C, N)`` tensors whose last dim follows the resolution.
+    * 2-d: ``NC`` vectors.
 
     Args:
         shape: shape at batch 1.
-        res_shape: shape in the resolution probe, or ``None``.
+        res_shape: shape in the resolution probe (batch 2), or ``None``.
         hw: input height and width.
         hw_res: input height and width of the resolution probe, or ``None``.
-        prefix_hint: the model's ``num_prefix_tokens`` when it has one.
+        prefix_hint: the model's number of class/distillation/register tokens when it has them.
+        raster: whether tokens are in raster order of their grid.
+        batch2_shape: shape in the batch-2 probe, or ``None``.
     """
     shape = tuple(shape)
-    h, w = hw
+    if res_shape is not None and len(res_shape) != len(shape):
+        res_shape = None
+    if hw_res is None:
+        res_shape = None
+    if len(shape) < 2 or shape[0] != 1 or (batch2_shape is not None and tuple(batch2_shape)[:1] != (2,)):
+        return TensorSpec("other", 0, shape=shape)
     if len(shape) == 4:
-        if res_shape is not None and len(res_shape) == 4:
-            changed = {d for d in (1, 2, 3) if shape[d] != res_shape[d]}
-            nhwc = 1 in changed and 3 not in changed
-        else:
-            def same_aspect(a: int, b: int) -> bool:
-                return a * w == b * h
-            nhwc = same_aspect(shape[1], shape[2]) and not same_aspect(shape[2], shape[3])
-        if nhwc:
-            grid, channels = (shape[1], shape[2]), shape[3]
-        else:
-            grid, channels = (shape[2], shape[3]), shape[1]
-        stride = h // grid[0] if grid[0] else None
-        return TensorSpec("NHWC" if nhwc else "NCHW", channels, grid, stride, 0, shape)
+        return _map_spec(shape, res_shape, hw, hw_res)
     if len(shape) == 3:
-        n_res = res_shape[1] if res_shape is not None and len(res_shape) == 3 else None
-        grid, stride, prefix = _tokens_layout(shape[1], n_res, hw, hw_res if n_res is not None else None,
-                                              prefix_hint)
-        return TensorSpec("NLC", shape[2], grid, stride, prefix, shape)
+        n, c = shape[1], shape[2]
+        if res_shape is not None and res_shape[2] != c:
+            if res_shape[1] == n:  # (B, C, N): the last dim follows the resolution
+                return _positions_spec(shape, False, res_shape[2], hw, hw_res)
+            return TensorSpec("other", 0, shape=shape)
+        grid, stride, prefix = _tokens_layout(n, res_shape[1] if res_shape else None, hw, hw_res, prefix_hint)
+        if not raster:
+            return TensorSpec("other", c, grid if not prefix else None, stride if not prefix else None, 0, shape)
+        return TensorSpec("NLC", c, grid, stride, prefix, shape)
     if len(shape) == 2:
         return TensorSpec("NC", shape[1], None, None, 0, shape)
-    return TensorSpec("other", shape[1] if len(shape) > 1 else 0, None, None, 0, shape)
+    return TensorSpec("other", 0, shape=shape)
+
+
+def _map_spec(shape: tuple[int, ...], res_shape: tuple[int, ...] | None, hw: tuple[int, int],
+              hw_res: tuple[int, int] | None) -> TensorSpec:
+    """Spec of a 4-d tensor (see :func:`infer_spec`)."""
+    changed = {d for d in (1, 2, 3) if shape[d] != res_shape[d]} if res_shape is not None else set()
+    if changed:
+        layout = {frozenset((2, 3)): "NCHW", frozenset((1, 2)): "NHWC"}.get(frozenset(changed))
+    elif _aspect_ok(shape[2], shape[3], hw):
+        layout = "NCHW"
+    elif _aspect_ok(shape[1], shape[2], hw):
+        layout = "NHWC"
+    else:
+        layout = None
+    if layout is not None:
+        grid, channels = ((shape[2], shape[3]), shape[1]) if layout == "NCHW" else ((shape[1], shape[2]), shape[3])
+        return TensorSpec(layout, channels, grid, hw[0] // grid[0], 0, shape)
+    if changed:
+        if 3 not in changed:
+            return _positions_spec(shape, True, res_shape[1] * res_shape[2], hw, hw_res)
+        if 1 not in changed:
+            return _positions_spec(shape, False, res_shape[2] * res_shape[3], hw, hw_res)
+        return TensorSpec("other", 0, shape=shape)
+    last = _positions_spec(shape, True, None, hw, None)
+    return last if last.grid is not None else _positions_spec(shape, False, None, hw, None)
+
+
+def _prefix_hint(model: nn.Module) -> int | None:
+    """The model's number of prefix tokens: timm's ``num_prefix_tokens``, else the tokens held by its
+    ``cls_token`` / ``dist_token`` / ``reg_token`` parameters (PiT keeps class and distillation tokens in
+    one ``cls_token``); ``None`` when it has none of these."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int):
+        return n
+    tokens = [getattr(model, a, None) for a in ("cls_token", "dist_token", "reg_token")]
+    tokens = [t for t in tokens if isinstance(t, torch.Tensor) and t.dim() == 3]
+    return sum(int(t.shape[1]) for t in tokens) if tokens else None
+
+
+def _unrolled(model: nn.Module, nodes: Sequence[Node]) -> tuple[int, int] | None:
+    """Where tokens leave raster order: ``(position of the last node of timm Hiera's unroll, the token
+    count at which all unroll strides are pooled away and tokens are in raster order again)``; ``None``
+    for models without an unroll (timm ``hiera.Unroll``: ``size`` and ``schedule``)."""
+    unroll = getattr(model, "unroll", None)
+    size, schedule = getattr(unroll, "size", None), getattr(unroll, "schedule", None)
+    if size is None or schedule is None:
+        return None
+    last = max((i for i, n in enumerate(nodes) if str(n.meta.get("module_path") or "").split(".")[0] == "unroll"),
+               default=None)
+    if last is None:
+        return None
+    return last, math.prod(size) // math.prod(math.prod(s) for s in schedule)
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -138,6 +245,10 @@ def _class_name(name: str, index: int) -> str:
 def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: int | None,
                 rules: dict[str, Any], class_name: str = "Block") -> GraphModule:
     """Copy the nodes after ``start`` up to ``end`` into a standalone ``GraphModule``.
+
+    The block holds ``gm``'s own modules (shared, mode included: ``block.train()`` switches them, as it
+    switches the dropout and stochastic-depth leaves kept by :func:`surgery.tracing.trace_model`) and starts
+    in ``gm``'s mode; in ``train()`` it behaves like that part of the model in ``train()``.
 
     Args:
         gm: the traced model; submodules and parameters are shared, not copied.
@@ -171,7 +282,7 @@ def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: 
     if end is not None:
         graph.output(env[nodes[end]])
     block = GraphModule(gm, graph, class_name)
-    block.eval()
+    adopt_mode(block, gm.training, gm)  # never flip the shared modules (the model's own) as a side effect
     return block
 
 
@@ -187,7 +298,8 @@ class Dissection:
         graph_module: the traced model (shares parameters with the original).
         cut_points: every candidate cut point (one per run of cut nodes), in graph order.
         boundaries: names of the cut points the blocks end at.
-        blocks: the blocks, standalone modules; chained they reproduce the model.
+        blocks: the blocks, standalone modules; chained they reproduce the model, in eval mode and (with
+            the same random seed) in train mode.
         block_info: metadata of each block (params and MACs counted once each; MACs at batch 1).
         params: parameters of the model; macs: MACs of the model at batch 1 and ``input_size``.
         input_spec / output_spec: specs of the model input and output.
@@ -241,7 +353,8 @@ class Dissection:
             boundaries: node names where the model is cut; ``[]`` gives the whole model as one block.
 
         Returns:
-            ``len(boundaries) + 1`` modules; chained they reproduce the model.
+            ``len(boundaries) + 1`` modules; chained they reproduce the model, in eval mode and, for the same
+            random seed, in train mode (stochastic depth, dropout and batch statistics included).
 
         Raises:
             SurgeryError: when a name is not a cut point.
@@ -410,12 +523,16 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         if r:
             n.meta[RECOMPUTE_META] = True
     module_path = [n.meta.get("module_path", "") for n in nodes]
+    # a whole attention module kept as a leaf for train mode: not the same place as the cut before it
+    is_simple = _is_simple(model)
+    starts_run = [bool(n.meta.get("mode_leaf")) and not is_simple(n.target) for n in nodes]
 
     def analyse(probes: list[Probe]):
         single = [all(isinstance(p.values[n.name], TensorShape) for p in probes) for n in nodes]
         valid = C.crossing_rules(nodes, [p.values for p in probes], is_tensor,
                                  C.tensor_cuts(nodes, is_tensor, single, recompute), recompute)
-        runs = C.group_runs(sorted(valid), [t and not r for t, r in zip(is_tensor, recompute, strict=True)])
+        runs = C.group_runs(sorted(valid), [t and not r for t, r in zip(is_tensor, recompute, strict=True)],
+                            starts_run)
         at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
                                                lambda path: type(model.get_submodule(path)))
         return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary))
@@ -436,12 +553,18 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
 
     hw = input_size[1:] if len(input_size) == 3 else (1, 1)
     hw_res = res.input_shape[2:] if res is not None else None
-    prefix_hint = getattr(model, "num_prefix_tokens", None)
+    prefix_hint = _prefix_hint(model)
+    unrolled = _unrolled(model, nodes)
 
     def spec_of(pos: int) -> TensorSpec:
-        shape = base.values[nodes[pos].name].shape
-        res_shape = res.values[nodes[pos].name].shape if res is not None else None
-        return infer_spec(shape, res_shape, hw, hw_res, prefix_hint)
+        name = nodes[pos].name
+        shape = base.values[name].shape
+        res_value = res.values.get(name) if res is not None else None
+        b2_value = fit[1].values.get(name)
+        raster = unrolled is None or pos <= unrolled[0] or len(shape) != 3 or shape[1] == unrolled[1]
+        return infer_spec(shape, res_value.shape if isinstance(res_value, TensorShape) else None, hw, hw_res,
+                          prefix_hint, raster=raster,
+                          batch2_shape=b2_value.shape if isinstance(b2_value, TensorShape) else None)
 
     specs = {p: spec_of(p) for p in valid}
     node_macs = [base.flops.get(n.name, 0) // 2 for n in nodes]  # counter FLOPs -> MACs
@@ -452,16 +575,13 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
     cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
     out_pos = _output_producer(nodes)
     out_value = base.values[nodes[out_pos].name] if out_pos is not None else None
-    output_spec = (infer_spec(out_value.shape, res.values[nodes[out_pos].name].shape if res else None, hw,
-                              hw_res, prefix_hint)
-                   if isinstance(out_value, TensorShape) else TensorSpec("other", 0))
+    output_spec = spec_of(out_pos) if isinstance(out_value, TensorShape) else TensorSpec("other", 0)
     input_spec = infer_spec((1, *input_size), None, hw, None) if len(input_size) == 3 else TensorSpec(
         "other", input_size[0], shape=(1, *input_size))
 
     if granularity == "node":
         bounds = list(candidates)
     else:
-        is_simple = _is_simple(model)
         single_layer = [is_simple(path.split(".")[0] if path else None) for path in module_path]
         bounds = C.prune_block_boundaries([p for p in candidates if p in block_level], specs, single_layer)
         if granularity == "stage":
@@ -482,19 +602,17 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
 
 
 def _verify(model: nn.Module, dissection: Dissection, device) -> None:
-    """Check on a random batch of 2 that the chained blocks reproduce the model (eval mode)."""
+    """Check on a random batch of 2 that the chained blocks reproduce the model (eval mode; modes restored)."""
     params = list(model.parameters())
     if params and params[0].device.type == "meta":
         return  # structure only: nothing to compare
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            x = torch.randn(2, *dissection.input_size, device=device)
-            expected, got = model(x), dissection.run_blocks(x)
-    finally:
-        model.train(was_training)
+    with modes_kept(model, *dissection.blocks), torch.no_grad():
+        model.eval()
+        for block in dissection.blocks:
+            block.eval()
+        x = torch.randn(2, *dissection.input_size, device=device)
+        expected, got = model(x), dissection.run_blocks(x)
     flat_e, flat_g = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
     ok = len(flat_e) == len(flat_g) and all(
         torch.allclose(e, g, rtol=1e-4, atol=1e-5) for e, g in zip(flat_e, flat_g, strict=True)

@@ -8,6 +8,18 @@ fails on six (``research/feasibility.md`` §3). The tracer is written here rathe
 ``torchvision.models.feature_extraction`` because we need the whole graph, one trace in eval mode,
 and the module path of every node (``node.meta['module_path']``) for block granularity.
 
+Train mode. The graph is traced once, in eval mode, so any code that branches on ``self.training`` is
+resolved at trace time: stochastic depth (timm ``DropPath``, torchvision ``StochasticDepth``) and
+attention dropout (``dropout_p=... if self.training else 0.``) would vanish from the graph, and a model's
+blocks in ``train()`` would silently run without the regularisation the user configured. Two rules keep
+the graph mode-following (issue 9): every non-root module whose own code reads ``self.training`` stays a
+leaf (the real module runs and follows ``train()``/``eval()``), see :func:`reads_training`; and a
+dropout-family call in code that cannot be a leaf (the root's ``forward_head``: ``F.dropout(x, p,
+training=self.training)``) is rewritten into a ``call_module`` of the matching ``torch.nn`` dropout module,
+see :func:`follow_mode`. Not handled: other functional forms written directly in the root's own code
+(``F.batch_norm(training=...)``, ``F.scaled_dot_product_attention(dropout_p=...)``), which no model of our
+sample has; their eval-mode value stays baked in.
+
 A *probe* runs the traced graph once on a given input and records, for every node, an abstract value:
 the shape of each tensor it produced and the plain Python value of everything else (ints, sizes, ...).
 Probes run on the ``meta`` device whenever the graph allows it, so probing costs no compute and no
@@ -16,18 +28,23 @@ memory even for huge models; they fall back to real execution on the model's own
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import inspect
-from collections.abc import Callable, Iterable
+import textwrap
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node, Tracer
 
 from surgery.errors import TraceError
 
-__all__ = ["SurgeryTracer", "trace_model", "TensorShape", "Probe", "run_probe", "has_tensor", "one_line"]
+__all__ = ["SurgeryTracer", "trace_model", "TensorShape", "Probe", "run_probe", "has_tensor", "one_line",
+           "reads_training", "follow_mode", "modes_kept", "adopt_mode"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -47,22 +64,74 @@ def _timm_registries() -> tuple[list[type[nn.Module]], list[Callable]]:
 
 _TIMM_ACTIVATION_MODULES = ("timm.layers.activations",)
 
+# methods whose reads of self.training never reach forward: construction, the mode switch itself, and
+# text for printing
+_NOT_FORWARD = frozenset({"__init__", "train", "eval", "extra_repr", "__repr__", "__setstate__"})
+_READS_TRAINING: dict[type, bool] = {}
+
+
+def _reads_training_source(klass: type) -> bool:
+    """Whether the methods defined in ``klass`` itself read ``self.training`` (see :func:`reads_training`)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):  # built-in or generated class: no source to read
+        return False
+    cls_def = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    if cls_def is None:
+        return False
+    for method in cls_def.body:
+        if not isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) or method.name in _NOT_FORWARD:
+            continue
+        passed_on = set()  # `child.train(self.training)` (timm's reset_classifier) only copies the flag
+        for n in ast.walk(method):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "train":
+                passed_on.update(id(a) for a in n.args)
+        for n in ast.walk(method):
+            if (isinstance(n, ast.Attribute) and n.attr == "training" and isinstance(n.value, ast.Name)
+                    and n.value.id == "self" and id(n) not in passed_on):
+                return True
+    return False
+
+
+def reads_training(cls: type[nn.Module]) -> bool:
+    """Whether a module class's behaviour depends on ``self.training`` (its own code or a base class's).
+
+    Reads the source of every class in the MRO except ``nn.Module`` and ``object`` (``inspect.getsource``,
+    parsed with ``ast``; cached per class) and looks for ``self.training`` in any method but ``__init__``,
+    ``train``/``eval`` and ``extra_repr``; ``child.train(self.training)`` does not count. Catches timm's
+    ``DropPath``, ``PatchDropout`` and attention modules (``dropout_p=p if self.training else 0.``),
+    torchvision's ``StochasticDepth`` and ``ShiftedWindowAttention``, and ``_BatchNorm`` subclasses defined
+    outside ``torch.nn``. A class without readable source counts as not reading it.
+    """
+    if cls not in _READS_TRAINING:
+        _READS_TRAINING[cls] = any(_reads_training_source(k) for k in cls.__mro__
+                                   if k is not nn.Module and k is not object)
+    return _READS_TRAINING[cls]
+
 
 class SurgeryTracer(Tracer):
     """``torch.fx.Tracer`` with timm's leaf modules and auto-wrapped functions.
 
+    Besides timm's registry and timm's activation modules, every module whose code reads ``self.training``
+    (:func:`reads_training`) is a leaf, so that the graph follows ``train()``/``eval()`` like the model.
+
     Args:
         leaf_modules: extra module classes to keep as single ``call_module`` nodes.
         autowrap_functions: extra free functions to record as single ``call_function`` nodes.
+        mode_leaves: keep modules that read ``self.training`` as leaves (default ``True``; ``False`` gives
+            the old eval-only graph, which drops stochastic depth and attention dropout in train mode).
     """
 
-    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), autowrap_functions: Iterable[Callable] = ()):
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), autowrap_functions: Iterable[Callable] = (),
+                 mode_leaves: bool = True):
         timm_leaves, timm_functions = _timm_registries()
         super().__init__(
             autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions),
             param_shapes_constant=True,
         )
         self.leaf_types = tuple(timm_leaves) + tuple(leaf_modules)
+        self.mode_leaves = mode_leaves
+        self.mode_leaf_names: set[str] = set()  # qualified names kept as leaves by the self.training rule
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -72,7 +141,13 @@ class SurgeryTracer(Tracer):
         # (NASWOT counts activation patterns through forward hooks).
         if type(m).__module__.startswith(_TIMM_ACTIVATION_MODULES):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        # traced in eval mode, code reading self.training would be frozen in its eval branch
+        if self.mode_leaves and reads_training(type(m)):
+            self.mode_leaf_names.add(module_qualified_name)
+            return True
+        return False
 
 
 def _concrete_defaults(model: nn.Module) -> dict[str, Any]:
@@ -104,38 +179,125 @@ def _module_path(node: Node) -> str:
     return qualname if isinstance(qualname, str) else ""
 
 
-def trace_model(model: nn.Module, name: str = "model", tracer: SurgeryTracer | None = None) -> GraphModule:
-    """Trace ``model`` in eval mode into a ``GraphModule`` sharing its parameters.
+# Dropout-family functions -> (mode-following module, names of the positional arguments). The module's
+# forward calls the same kernel with the same arguments, so it draws the same random numbers.
+_F_ARGS = ("input", "p", "training", "inplace")
+_T_ARGS = ("input", "p", "train")
+_DROPOUTS: dict[Callable, tuple[type[nn.Module], tuple[str, ...]]] = {
+    F.dropout: (nn.Dropout, _F_ARGS), F.dropout1d: (nn.Dropout1d, _F_ARGS), F.dropout2d: (nn.Dropout2d, _F_ARGS),
+    F.dropout3d: (nn.Dropout3d, _F_ARGS), F.alpha_dropout: (nn.AlphaDropout, _F_ARGS),
+    F.feature_alpha_dropout: (nn.FeatureAlphaDropout, _F_ARGS),
+    torch.dropout: (nn.Dropout, _T_ARGS), torch.alpha_dropout: (nn.AlphaDropout, _T_ARGS),
+    torch.feature_alpha_dropout: (nn.FeatureAlphaDropout, _T_ARGS),
+}
+_DEFAULTS = {"p": 0.5, "training": True, "inplace": False}
 
-    Every node gets ``node.meta['module_path']``: the dotted path of the innermost module that
-    produced it (``''`` for code in the root ``forward``).
+
+def follow_mode(gm: GraphModule) -> list[str]:
+    """Rewrite dropout calls frozen in their eval branch into mode-following ``call_module`` nodes, in place.
+
+    A call such as ``F.dropout(x, p=0.5, training=False)`` (or ``dropout1d/2d/3d``, ``alpha_dropout``,
+    ``feature_alpha_dropout``, ``torch.dropout``, ...) with a constant ``p > 0`` and ``training`` False is
+    what ``F.dropout(x, p, training=self.training)`` in code that could not be a leaf (the root's
+    ``forward_head``) becomes when traced in eval mode. Each one becomes a call of the matching ``torch.nn``
+    module (``nn.Dropout(p)``, ...) registered on ``gm`` as ``surgery_dropout<i>``, which follows the
+    ``train()``/``eval()`` mode of whatever module holds it. Node names and ``meta`` are kept, so cut points
+    found before and after the rewrite have the same names.
+
+    A dropout written with a literal ``training=False`` becomes active in train mode too: after an eval-mode
+    trace the two cannot be told apart.
 
     Args:
-        model: the model; its train/eval mode is restored afterwards.
+        gm: a traced graph; modified and recompiled.
+
+    Returns:
+        Names of the rewritten nodes.
+    """
+    rewritten = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUTS:
+            continue
+        module_cls, names = _DROPOUTS[node.target]
+        bound = {**_DEFAULTS, **dict(zip(names, node.args, strict=False)), **node.kwargs}
+        training = bound.get("train") if "train" in names else bound["training"]
+        p = bound["p"]
+        if (training is not False or isinstance(p, Node) or not isinstance(bound["input"], Node)
+                or isinstance(bound["inplace"], Node) or not 0 < float(p) <= 1):
+            continue
+        i = len(rewritten)
+        while hasattr(gm, f"surgery_dropout{i}"):
+            i += 1
+        target = f"surgery_dropout{i}"
+        gm.add_submodule(target, module_cls(float(p), inplace=bool(bound["inplace"])))
+        node.op, node.target, node.args, node.kwargs = "call_module", target, (bound["input"],), {}
+        rewritten.append(node.name)
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
+@contextlib.contextmanager
+def modes_kept(*modules: nn.Module) -> Iterator[None]:
+    """Restore the ``training`` flag of every submodule of ``modules`` on exit (switch modes freely inside)."""
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def adopt_mode(module: nn.Module, mode: bool, shared: nn.Module) -> None:
+    """Set ``training = mode`` on the submodules of ``module`` that are not submodules of ``shared``.
+
+    A ``GraphModule`` built from ``shared`` holds ``shared``'s own modules (their mode is left alone: a block
+    never flips its source model's dropout or batch norm) and fresh ones (itself, the empty path holders
+    fx creates, the dropouts of :func:`follow_mode`), which take ``mode``.
+    """
+    own = {id(m) for m in shared.modules()}
+    for m in module.modules():
+        if id(m) not in own:
+            m.training = mode
+
+
+def trace_model(model: nn.Module, name: str = "model", tracer: SurgeryTracer | None = None) -> GraphModule:
+    """Trace ``model`` into a ``GraphModule`` sharing its parameters and modules, following train/eval.
+
+    The trace runs with the model in eval mode; modules whose code reads ``self.training`` stay leaves and
+    root-level dropout calls are rewritten (:func:`follow_mode`), so the graph in ``train()`` behaves like
+    the model in ``train()``. Every node gets ``node.meta['module_path']``: the dotted path of the innermost
+    module that produced it (``''`` for code in the root ``forward``); ``node.meta['mode_leaf']`` marks the
+    ``call_module`` nodes of modules kept as leaves only because they read ``self.training``.
+
+    Args:
+        model: the model; the train/eval flag of each of its modules is left as it was.
         name: model name used in error messages.
         tracer: a custom tracer; default :class:`SurgeryTracer`.
 
     Returns:
-        The traced ``GraphModule`` (in eval mode).
+        The traced ``GraphModule``, in the model's mode (its leaves are the model's own modules: switching
+        the graph's mode switches theirs).
 
     Raises:
         TraceError: when torch.fx cannot trace the model; the message is one line naming the model.
     """
     tracer = tracer or SurgeryTracer()
-    was_training = model.training
-    model.eval()
-    try:
-        graph = tracer.trace(model, concrete_args=_concrete_defaults(model) or None)
-    except TraceError as exc:
-        raise TraceError(f"{name}: {exc}") from exc
-    except Exception as exc:  # any failure inside user/timm code during symbolic tracing
-        raise TraceError(f"{name}: cannot be traced with torch.fx ({one_line(exc)})") from exc
-    finally:
-        model.train(was_training)
+    mode_leaf_names = getattr(tracer, "mode_leaf_names", set())
+    mode_leaf_names.clear()  # a tracer may be reused across models
+    with modes_kept(model):
+        model.eval()
+        try:
+            graph = tracer.trace(model, concrete_args=_concrete_defaults(model) or None)
+        except TraceError as exc:
+            raise TraceError(f"{name}: {exc}") from exc
+        except Exception as exc:  # any failure inside user/timm code during symbolic tracing
+            raise TraceError(f"{name}: cannot be traced with torch.fx ({one_line(exc)})") from exc
     gm = GraphModule(tracer.root, graph, model.__class__.__name__)
-    gm.eval()
     for node in gm.graph.nodes:
         node.meta["module_path"] = _module_path(node)
+        node.meta["mode_leaf"] = node.op == "call_module" and node.target in mode_leaf_names
+    follow_mode(gm)
+    adopt_mode(gm, model.training, model)
     return gm
 
 
@@ -236,6 +398,9 @@ def run_probe(gm: GraphModule, input_shape: tuple[int, ...], count_flops: bool =
     (an op without a meta kernel, a plain tensor attribute on another device), it runs for real on the
     model's device under ``torch.no_grad()``.
 
+    The graph runs in eval mode (batch norm uses its running statistics and updates nothing, dropout is
+    off); every module's mode is restored afterwards.
+
     Args:
         gm: traced graph.
         input_shape: input shape, batch included.
@@ -263,7 +428,8 @@ def run_probe(gm: GraphModule, input_shape: tuple[int, ...], count_flops: bool =
         dev = torch.device("meta") if on_meta else device
         x = torch.randn(input_shape, dtype=dtype, device=dev)
         counter = flop_counter() if count_flops else None
-        with frozen_parameters(gm), torch.no_grad():
+        with frozen_parameters(gm), torch.no_grad(), modes_kept(gm):
+            gm.eval()
             if counter is not None:
                 counter.__enter__()
             try:
