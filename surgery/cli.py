@@ -7,7 +7,6 @@ for machine-readable output, exit code 0 on success and 2 on bad input with a on
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgery.errors import USER_ERRORS
-from surgery.workspace import DEFAULT_WORKSPACE
+from surgery.workspace import DEFAULT_WORKSPACE, json_text
 
 app = typer.Typer(
     name="surgery",
@@ -113,7 +112,7 @@ def dissect(
         results = dissect_zoo(entries, ws, input_size=input_size, granularity=granularity,
                               structure_only=structure_only, on_model=progress.update)
     if as_json:
-        print(json.dumps({"workspace": str(out), "models": [r.to_dict() for r in results]}, indent=2))
+        print(json_text({"workspace": str(out), "models": [r.to_dict() for r in results]}))
     else:
         table = Table(title=f"block library: {out}")
         for col in ("model", "cut points", "blocks", "params (M)", "GFLOPs", "status"):
@@ -141,7 +140,7 @@ def inspect(
     index = ws.read_index()
     if model is None:
         if as_json:
-            print(json.dumps(index, indent=2))
+            print(json_text(index))
             return
         table = Table(title=f"block library: {workdir}")
         for col in ("model", "cut points", "blocks", "params (M)", "GFLOPs", "input"):
@@ -158,7 +157,7 @@ def inspect(
         raise WorkspaceError(f"{model!r} is not in {workdir} (has: {', '.join(index['models'])})")
     manifest = ws.read_dissection(model)
     if as_json:
-        print(json.dumps(manifest, indent=2))
+        print(json_text(manifest))
         return
     table = Table(title=f"{model}: {len(manifest['blocks'])} blocks, {len(manifest['cut_points'])} cut points")
     for col in ("#", "from", "to", "params (M)", "GFLOPs", "input", "output", "depth"):
@@ -204,7 +203,7 @@ def similarity(
     summary = {"workspace": str(workdir), **result["settings"],
                "models": {m: len(result["nodes"][m]) for m in result["models"]}}
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary))
         return
     table = Table(title=f"similarity ({result['settings']['estimator']} CKA, {summary['samples']} images of "
                         f"{data})")
@@ -242,7 +241,7 @@ def partition(
         fail("--eps must be >= 0")
     result = run_partition(workdir, stages, eps=eps, restarts=restarts, seed=seed, plots=not no_plots)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result))
         return
     table = Table(title=f"{stages} equivalence sets (objective {result['objective']:.3f}; random partitions "
                         f"{result['random_partition_objective']['mean']:.3f})")
@@ -288,15 +287,15 @@ def reassemble(
         fail(f"--proxy must be logme, linear, naswot or params (got {proxy!r})")
     if top < 1:
         fail("--top must be at least 1")
-    log = (lambda msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False))
+    # notes (steps run, models left out, chains skipped) go to stderr in both modes: --json keeps stdout clean
+    log = (lambda msg: err_console.print(msg, highlight=False))
     result = run(workdir, max_gflops=max_gflops, max_params_m=max_params, data=data, stages=stages, top=top,
                  proxy=proxy, solver=solver, seed=seed, out_dir=out, log=log)
     single = result.best_single
     if as_json:
-        print(json.dumps({"out": str(out), "proxy": proxy, "timings": result.timings,
+        print(json_text({"out": str(out), "proxy": proxy, "timings": result.timings,
                           "ranked": [r.summary() for r in result.ranked], "zoo": result.zoo_points,
-                          "best_single": single.summary() if single else None, "skipped": result.skipped},
-                         indent=2))
+                          "best_single": single.summary() if single else None, "skipped": result.skipped}))
         return
     best = result.ranked[0]
     table = Table(title=f"chosen chain (proxy {proxy} = {best.proxy:.4f})")
@@ -372,7 +371,7 @@ def baseline(
     result = run(workdir, model, data=data, max_gflops=max_gflops, max_params_m=max_params, proxy=proxy, seed=seed,
                  out_dir=out, log=log)
     if as_json:
-        print(json.dumps(result.summary(), indent=2))
+        print(json_text(result.summary()))
         return
     best = result.best
     table = Table(title=f"single zoo models with a new head for {data}, ranked by the {proxy} proxy")
@@ -411,7 +410,7 @@ def finetune(
     summary = finetune_model_dir(model_dir, data, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
                                  ema=ema, seed=seed, resume=resume, quiet=as_json)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary))
         return
     console.print(f"fine-tuned {model_dir} on {data} for {epochs} epochs (freeze={freeze}): "
                   f"best val top-1 {summary['best_val_acc']:.4f}, held-out test top-1 {summary['test_top1']:.4f}")
@@ -433,7 +432,7 @@ def evaluate(
         fail(f"--split must be test, val or train (got {split!r})")
     out = evaluate_model_dir(model_dir, data, split=split, batch_size=batch_size, seed=seed)
     if as_json:
-        print(json.dumps(out, indent=2))
+        print(json_text(out))
         return
     table = Table(title=f"{model_dir} on {data} ({split})")
     for col in ("top-1", "loss", "params (M)", "GFLOPs", "images/s"):
@@ -459,7 +458,7 @@ def zoo_build_mini(
 
     path = build_mini_zoo(out, force=force, quiet=as_json)
     if as_json:
-        print(json.dumps({"zoo": str(path)}))
+        print(json_text({"zoo": str(path)}))
         return
     console.print(f"mini-zoo: {path} (model cards in {path.parent / 'README.md'})")
     console.print(f"next: surgery dissect --zoo {path}")

@@ -30,6 +30,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from surgery.workspace import json_text
+
 TARGET = "digits"
 PROBE = "fashion-mnist"
 
@@ -147,9 +149,9 @@ def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None,
                # What decides the floats: two runs with the same record give the same table bit for bit.
                "numerics": numerics(), "zoo_weights_sha256": {n: c["weights_sha256"] for n, c in cards.items()},
                "timings": timings, "total_seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "demo.json").write_text(json_text(summary) + "\n")
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary))
         return summary
     console.print(summary_table(summary))
     console.print(f"single models within budget: {len(single_rows)}; details in {out / 'demo.json'}; "

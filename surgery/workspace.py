@@ -34,6 +34,27 @@ DEFAULT_WORKSPACE = "surgery-workspace"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None``, recursively (dicts, lists, tuples).
+
+    Python's ``json`` writes such floats as the bare words ``NaN``/``Infinity``, which strict JSON
+    parsers (``jq``, JavaScript, ``json.loads(..., parse_constant=...)``-less tools) reject; machine
+    output (``--json``, ``demo.json``) must parse anywhere, and ``null`` is JSON's "no number".
+    """
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats become ``null``; see :func:`finite_json`)."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
+
+
 def model_dirname(name: str) -> str:
     """A file-system safe folder name for a model name (``vit_small.augreg`` stays readable)."""
     safe = _SAFE_NAME.sub("_", name).strip("._")

@@ -150,3 +150,14 @@ def test_partition_explicit_eps_is_strict(sim_workspace):
     assert part["eps_strict"] is True
     assert all(m["eps_used"] == pytest.approx(need + 0.01, abs=1e-3) for m in part["models"].values())
     assert not any(m["eps_relaxed"] for m in part["models"].values())
+
+
+def test_json_output_is_strict_json():
+    """``--json`` output must parse in strict JSON readers: NaN and infinities become null."""
+    import math
+
+    from surgery.workspace import json_text
+
+    text = json_text({"proxy": float("nan"), "scores": [1.0, float("inf"), -math.inf], "n": 3, "ok": True})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}")) == {
+        "proxy": None, "scores": [1.0, None, None], "n": 3, "ok": True}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -204,11 +205,14 @@ def zoo_with_dead_model(tmp_path_factory):
 def test_reassemble_with_a_dead_model_leaves_it_out(zoo_with_dead_model, tmp_path):
     # Its LogME is NaN (constant features); before the fix CBC ended in a 53-line PuLP traceback.
     res = run_cli("reassemble", str(zoo_with_dead_model), "--max-gflops", "1", "--data", "digits",
-                  "--out", str(tmp_path / "m"), check=False)
+                  "--out", str(tmp_path / "m"), "--json", check=False)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert "test_convnext left out" in res.stderr
     assert "test_convnext" not in (tmp_path / "m" / "config.json").read_text()
+    # the dead model's NaN scores reach --json as null, never as the non-JSON word NaN
+    out = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"--json printed {c}"))
+    assert out["ranked"]
 
 
 @pytest.mark.slow
