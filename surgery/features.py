@@ -24,7 +24,8 @@ from surgery.spec import TensorSpec
 PREFIX_MODES = ("exclude", "include", "cls")
 
 
-def pool_tensor(x: torch.Tensor, layout: str, prefix_tokens: int = 0, prefix: str = "exclude") -> torch.Tensor:
+def pool_tensor(x: torch.Tensor, layout: str, prefix_tokens: int = 0, prefix: str = "exclude",
+                channels: int = 0) -> torch.Tensor:
     """Pool one cut point's output to a (batch, features) matrix.
 
     Args:
@@ -32,6 +33,9 @@ def pool_tensor(x: torch.Tensor, layout: str, prefix_tokens: int = 0, prefix: st
         layout: its :class:`~surgery.spec.TensorSpec` layout.
         prefix_tokens: class/register tokens in front of the patch tokens (``NLC``).
         prefix: treatment of the prefix tokens, one of :data:`PREFIX_MODES`.
+        channels: the spec's ``channels``; for ``"other"`` tensors it names the feature dim (the last
+            when ``x.shape[-1] == channels``, e.g. NesT's blockified ``(B, T, N, C)`` or Hiera's unrolled
+            tokens), and every other non-batch dim is averaged. 0: unknown, average dims 2 and up.
     """
     if layout == "NCHW" and x.dim() == 4:
         return x.mean(dim=(2, 3))
@@ -45,7 +49,9 @@ def pool_tensor(x: torch.Tensor, layout: str, prefix_tokens: int = 0, prefix: st
         return x.mean(dim=1)
     if x.dim() == 2:
         return x
-    if x.dim() > 2:  # unknown layout: average everything but the first non-batch axis
+    if x.dim() > 2 and channels and x.shape[-1] == channels:  # channels last, positions in any order
+        return x.flatten(1, -2).mean(dim=1)
+    if x.dim() > 2:  # unknown layout, or channels first: average everything but the first non-batch axis
         return x.flatten(2).mean(dim=2)
     return x.reshape(x.shape[0], -1)
 
@@ -84,7 +90,8 @@ def feature_extractor(
         src = by_name[name]
         # pool right after the cut point, so the full-size map can be freed as soon as the graph is done with it
         with graph.inserting_after(src):
-            pooled.append(graph.call_function(pool_tensor, (src, spec.layout, spec.prefix_tokens, prefix)))
+            pooled.append(graph.call_function(pool_tensor, (src, spec.layout, spec.prefix_tokens, prefix,
+                                                                spec.channels)))
     with graph.inserting_before(output):
         new_out = graph.output(tuple(pooled))
     graph.erase_node(output)
