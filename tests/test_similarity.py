@@ -79,3 +79,16 @@ def test_extractor_drops_the_head(tiny_workspace):
     assert not any(name.startswith("head") for name in called)
     outs = ext(torch.randn(2, *item.input_size))
     assert len(outs) == 2 and all(o.dim() == 2 and o.shape[0] == 2 for o in outs)
+
+
+def test_cka_update_leaves_the_thread_setting_alone(similarity):
+    """The CKA update runs on one thread (small ops); the caller's intra-op thread count is restored."""
+    ws, result = similarity
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = compute_similarity(ws, "digits", samples=96, batch_size=32, seed=1, device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert np.allclose(again["matrix"], result["matrix"], atol=1e-12)
