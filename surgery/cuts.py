@@ -29,7 +29,7 @@ from surgery.tracing import TensorShape
 __all__ = [
     "CutPoint", "Const", "FromDim", "DeviceOf", "Pack", "recomputable", "tensor_cuts", "crossing_values", "fit_rule",
     "crossing_rules", "group_runs", "container_boundaries", "run_candidates", "prune_block_boundaries",
-    "stage_boundaries", "merge_small_blocks",
+    "stage_boundaries", "merge_small_blocks", "flat_stage_boundaries", "drop_empty_blocks",
 ]
 
 
@@ -455,3 +455,65 @@ def merge_small_blocks(boundaries: Sequence[int], cumulative_macs: Sequence[int]
 def is_tensor_shape(value: Any) -> bool:
     """Whether an abstract probe value is exactly one tensor."""
     return isinstance(value, TensorShape)
+
+
+def flat_stage_boundaries(positions: Sequence[int], specs: dict[int, TensorSpec], module_path: Sequence[str],
+                          is_container: Callable[[str], bool], is_simple: Callable[[str | None], bool]) -> set[int]:
+    """Positions inside a flat sequence of layers after which the grid changes (fallback for VGG-like bodies).
+
+    A body written as one ``nn.Sequential`` of single layers (VGG's ``features``: conv, relu, ..., max-pool)
+    has no boundary by :func:`container_boundaries`, which keeps flat stems and heads whole. When the model
+    would otherwise have too few blocks, :func:`surgery.dissection.dissect` also cuts such a sequence where
+    its grid changes: after ``v`` when ``v`` and the next node are two single layers (or the parent's own
+    code) of the root or of a container, and the next valid cut has another grid or layout. The boundary
+    lies before the down-sampling layer, where timm's ``feature_info`` marks VGG's stages.
+
+    Args:
+        positions: valid cut positions, sorted.
+        specs: position -> output spec.
+        module_path: per position, dotted path of the innermost module ('' for the root).
+        is_container: as for :func:`container_boundaries`.
+        is_simple: as for :func:`container_boundaries`.
+    """
+    kept = set()
+    positions = sorted(positions)
+    for v, nxt in zip(positions, positions[1:], strict=False):
+        w = min(v + 1, len(module_path) - 1)
+        common = _common_prefix(module_path[v], module_path[w])
+        if not (is_container(common) and is_simple(_child(common, module_path[v]))
+                and is_simple(_child(common, module_path[w]))):
+            continue
+        a, b = specs[v], specs[nxt]
+        if a.grid is not None and b.grid is not None and (a.layout, a.grid) != (b.layout, b.grid):
+            kept.add(v)
+    return kept
+
+
+def drop_empty_blocks(boundaries: Sequence[int], removable: set[int], cumulative_macs: Sequence[int],
+                      total_macs: int) -> list[int]:
+    """Drop boundaries in ``removable`` until no block without MACs (a lone pool) is left where that helps.
+
+    A block with no MACs joins the next block when its end boundary may be dropped (a lone max-pool
+    opens the next stage, as it does where the boundary is taken before it), else the previous one.
+
+    Args:
+        boundaries: sorted boundary positions.
+        removable: the boundaries that may be dropped.
+        cumulative_macs: per position, MACs from the model input up to and including it.
+        total_macs: MACs of the whole model.
+    """
+    out = list(boundaries)
+    i = 0
+    while i <= len(out):  # block i lies between boundary i-1 and boundary i
+        start = cumulative_macs[out[i - 1]] if i else 0
+        end = cumulative_macs[out[i]] if i < len(out) else total_macs
+        if end == start:
+            if i < len(out) and out[i] in removable:
+                del out[i]
+                continue
+            if i and out[i - 1] in removable:
+                del out[i - 1]
+                i -= 1
+                continue
+        i += 1
+    return out

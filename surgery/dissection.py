@@ -475,7 +475,7 @@ def _output_producer(nodes: Sequence[Node]) -> int | None:
 
 def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name: str = "model",
             granularity: str = "block", min_macs_fraction: float = 0.0, verify: bool = False,
-            device: torch.device | str | None = None) -> Dissection:
+            device: torch.device | str | None = None, flat_stages: bool = True) -> Dissection:
     """Trace ``model`` once and cut it into blocks.
 
     Candidate cut points are single-tensor cuts, one per run of consecutive cut nodes. Granularity:
@@ -486,6 +486,11 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
       residual block, MBConv block, ...; stem and head are blocks of their own when a cut separates them.
     * ``"stage"``: block boundaries where the next block changes grid, channels or layout, plus the first
       (end of stem) and the last (start of head).
+
+    A model whose body is one flat sequence of layers (VGG's ``features``) would get fewer than 4 blocks
+    that way; with ``flat_stages`` such a sequence is also cut before each layer that changes the grid
+    (one block per VGG stage; see :func:`surgery.cuts.flat_stage_boundaries`). Models with at least 4
+    blocks without it are not affected.
 
     Then, if ``min_macs_fraction > 0``, adjacent blocks are merged until each has at least that share of
     the model's MACs. Works on models on the ``meta`` device (structure only: nothing is computed).
@@ -498,6 +503,8 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         min_macs_fraction: minimum share of the model's MACs per block, in ``[0, 1)``.
         verify: run a random batch through model and blocks and check they agree (skipped on meta).
         device: device of the verification input; default the model's device.
+        flat_stages: cut flat layer sequences at grid changes when the model would otherwise have fewer
+            than 4 blocks (``False``: never).
 
     Returns:
         The :class:`Dissection`.
@@ -535,9 +542,9 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
                             starts_run)
         at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
                                                lambda path: type(model.get_submodule(path)))
-        return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary))
+        return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary), runs, at_boundary)
 
-    valid, candidates, block_level = analyse(fit)
+    valid, candidates, block_level, runs, at_boundary = analyse(fit)
     if res is not None and len(block_level) < 4:
         # Some models carry a grid size as a list from block to block (MViTv2's [H, W]): no rule maps it
         # to the token tensor's shape across resolutions, so most cuts look invalid. At the traced
@@ -545,11 +552,8 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         # than not cutting at all.
         fixed = analyse(fit[:2])
         if len(fixed[2]) > len(block_level):
-            valid, candidates, block_level = fixed
+            valid, candidates, block_level, runs, at_boundary = fixed
             res = None
-    if len(candidates) < 2:
-        raise TraceError(f"{name}: only {len(candidates)} cut point(s) where a single tensor crosses; "
-                         "cannot be cut into blocks")
 
     hw = input_size[1:] if len(input_size) == 3 else (1, 1)
     hw_res = res.input_shape[2:] if res is not None else None
@@ -579,11 +583,24 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
     input_spec = infer_spec((1, *input_size), None, hw, None) if len(input_size) == 3 else TensorSpec(
         "other", input_size[0], shape=(1, *input_size))
 
+    single_layer = [is_simple(path.split(".")[0] if path else None) for path in module_path]
+    block_bounds = C.prune_block_boundaries([p for p in candidates if p in block_level], specs, single_layer)
+    if flat_stages and len(block_bounds) < 3:
+        # a flat sequence of layers (VGG) is one run with no block boundary: cut it where the grid changes
+        extra = C.flat_stage_boundaries(valid, specs, module_path, _is_container(model), is_simple)
+        extra = {p for p in extra if specs[p].layout != "NC"} - set(block_bounds)
+        extra &= set(C.drop_empty_blocks(sorted(set(block_bounds) | extra), extra, cum, total))
+        if extra:
+            candidates, block_level = C.run_candidates(runs, out_pos, at_boundary | extra)
+            block_bounds = sorted(set(block_bounds) | extra)
+            cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
+    if len(candidates) < 2:
+        raise TraceError(f"{name}: only {len(candidates)} cut point(s) where a single tensor crosses; "
+                         "cannot be cut into blocks")
     if granularity == "node":
         bounds = list(candidates)
     else:
-        single_layer = [is_simple(path.split(".")[0] if path else None) for path in module_path]
-        bounds = C.prune_block_boundaries([p for p in candidates if p in block_level], specs, single_layer)
+        bounds = block_bounds
         if granularity == "stage":
             bounds = C.stage_boundaries(bounds, [specs[p] for p in bounds])
     if min_macs_fraction > 0:

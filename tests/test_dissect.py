@@ -236,6 +236,76 @@ def test_table_built_from_parameters_and_shapes_is_recomputed_per_block():
         torch.testing.assert_close(d.run_blocks(x), model(x), rtol=0, atol=0)
 
 
+# --- flat sequences of layers (VGG-like bodies) ---------------------------------------------------
+
+def _flat_cnn() -> nn.Sequential:
+    """A plain CNN written as one flat ``nn.Sequential`` of layers: every node is a cut, one run."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def _stage_grids(d) -> list:
+    return [b.out_spec.grid for b in d.block_info if b.out_spec.layout != "NC"]
+
+
+@pytest.mark.parametrize("granularity", ["block", "node"])
+def test_vgg_flat_body_is_cut_per_stage(granularity):
+    torch.manual_seed(0)
+    model = timm.create_model("vgg11", pretrained=False).eval()
+    old = dissect(model, (3, 64, 64), name="vgg11", granularity=granularity, flat_stages=False)
+    assert len(old.blocks) < 4  # the whole body is one run of single-tensor cuts: one block
+    d = dissect(model, (3, 64, 64), name="vgg11", granularity=granularity, verify=True)
+    assert len(d.blocks) >= 4
+    assert set(old.boundaries) <= set(d.boundaries)
+    # one block per conv stage: each ends before its max-pool, so every stage block keeps one grid
+    stages = [b for b in d.block_info if b.start is None or b.start.startswith("features")]
+    stages = [b for b in stages if b.end is not None and b.end.startswith("features")]
+    assert len(stages) == 5
+    assert all(b.macs > 0 for b in d.block_info)
+    _assert_chain(model, d, batch=2)
+
+
+def test_flat_sequential_cnn_is_cut_where_the_grid_changes():
+    torch.manual_seed(0)
+    model = _flat_cnn().eval()
+    with pytest.raises(TraceError, match="flat_cnn"):  # one run, one candidate: cannot be cut at all
+        dissect(model, (3, 32, 32), name="flat_cnn", flat_stages=False)
+    d = dissect(model, (3, 32, 32), name="flat_cnn", verify=True)
+    assert len(d.blocks) >= 4
+    assert all(b.macs > 0 for b in d.block_info)  # no block is a lone pooling layer
+    grids = [b.out_spec.grid for b in d.block_info[:-1]]
+    assert grids == sorted(set(grids), reverse=True)  # each block ends where the grid is about to shrink
+    assert {b.name for b in d.cut_points} >= set(d.boundaries)
+    _assert_chain(model, d, batch=2)
+    _assert_chain(model, dissect(model, (3, 32, 32), name="flat_cnn", granularity="node"), batch=2)
+
+
+_SMALL_CONFIGS = [
+    ("resnet18", {}, (3, 64, 64)),
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, (3, 32, 32)),
+    ("convnext_atto", {"dims": [16, 32, 64, 128], "depths": [1, 1, 2, 1]}, (3, 64, 64)),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size"), _SMALL_CONFIGS, ids=[n for n, _, _ in _SMALL_CONFIGS])
+def test_flat_stage_rule_leaves_block_models_unchanged(name, kwargs, size):
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    for granularity in ("block", "node", "stage"):
+        d = dissect(model, size, name=name, granularity=granularity)
+        old = dissect(model, size, name=name, granularity=granularity, flat_stages=False)
+        assert d.boundaries == old.boundaries
+        assert [c.name for c in d.cut_points] == [c.name for c in old.cut_points]
+    d = dissect(model, size, name=name)
+    if name == "resnet18":  # one boundary per residual block, plus stem and head
+        ends = [b for b in d.boundaries if b.startswith("layer")]
+        assert len(ends) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+
+
 # --- real architectures (slow) -------------------------------------------------------------------
 
 # (name, minimum number of blocks at granularity="block"); fewer than 4 only with a reason.
