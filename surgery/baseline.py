@@ -158,16 +158,21 @@ def rank_singles(singles: list[SingleScore]) -> list[SingleScore]:
     return sorted(singles, key=key)
 
 
-def _single_plans(ws: Workspace, name: str, manifest: dict[str, Any]) -> list:
-    """The model as a chain: its stage blocks when the workspace has a partition, else one stage."""
+def _optional_partition(ws: Workspace) -> dict[str, Any] | None:
+    """The workspace's partition, ``None`` only when it has none (a corrupt one is a one-line error)."""
+    from surgery.equivalence import partition_exists, read_partition
+
+    return read_partition(ws) if partition_exists(ws) else None
+
+
+def _single_plans(ws: Workspace, name: str, manifest: dict[str, Any], part: dict[str, Any] | None = None) -> list:
+    """The model as a chain: its stage blocks when the workspace has a partition (``part``), else one stage."""
     from surgery.assembled import StagePlan
-    from surgery.equivalence import read_partition
     from surgery.spec import TensorSpec
 
     settings = manifest["settings"]
     size, gran = tuple(settings["input_size"]), settings["granularity"]
-    if (ws.root / "partition.json").exists():
-        part = read_partition(ws)
+    if part is not None:
         if name in part["models"]:
             return [StagePlan(name, manifest["entry"], b["start"], b["end"], size, gran,
                               TensorSpec.from_dict(b["in_spec"]), TensorSpec.from_dict(b["out_spec"]))
@@ -176,19 +181,64 @@ def _single_plans(ws: Workspace, name: str, manifest: dict[str, Any]) -> list:
                       TensorSpec.from_dict(manifest["output_spec"]))]
 
 
+def needed_text(value: float, unit: str) -> str:
+    """A smallest feasible cost in the CLI's units (``unit``: ``GFLOPs`` from MACs, ``M params``).
+
+    At least 3 significant figures (and 4 decimals for GFLOPs, 3 for M params), rounded up so that the
+    value shown, given as the budget, fits.
+    """
+    x = value / (1e9 if unit == "GFLOPs" else 1e6)
+    if x > 0 and math.isfinite(x):
+        places = max(4 if unit == "GFLOPs" else 3, 2 - math.floor(math.log10(x)))
+        x = math.ceil(x * 10 ** places - 1e-9) / 10 ** places
+        return f"{x:.{places}f} {unit}"
+    return f"{x:g} {unit}"
+
+
+def budget_text(max_macs: float | None, max_params: float | None) -> str:
+    """``0.002 GFLOPs and 1 M params``: the budgets as the user gave them (``--max-gflops``, ``--max-params``)."""
+    return " and ".join(([f"{max_macs / 1e9:g} GFLOPs"] if max_macs is not None else [])
+                        + ([f"{max_params / 1e6:g} M params"] if max_params is not None else []))
+
+
+def budget_infeasible(exc: InfeasibleError, max_gflops: float | None, max_params_m: float | None) -> InfeasibleError:
+    """The assembly program's "no chain fits" error re-worded in GFLOPs and M params (else ``exc`` itself).
+
+    The solver keeps MACs and parameter counts (its ``min_macs``/``min_params`` are carried over).
+    """
+    min_p, min_m = getattr(exc, "min_params", None), getattr(exc, "min_macs", None)
+    if not str(exc).startswith("no chain fits") or min_p is None or min_m is None:
+        return exc  # no path at all, or custom constraints: the solver's own words
+    max_macs = max_gflops * 1e9 if max_gflops is not None else None
+    max_params = max_params_m * 1e6 if max_params_m is not None else None
+    over = []
+    if max_macs is not None and min_m > max_macs:
+        over.append(f"the smallest chain needs {needed_text(min_m, 'GFLOPs')}")
+    if max_params is not None and min_p > max_params:
+        over.append(f"the smallest chain needs {needed_text(min_p, 'M params')}")
+    budget = budget_text(max_macs, max_params)
+    if over:
+        msg = f"no chain fits within {budget}: {'; '.join(over)}; raise --max-gflops/--max-params"
+    else:
+        msg = (f"no chain fits within {budget} together: the smallest chain needs {needed_text(min_m, 'GFLOPs')} "
+               f"and the smallest {needed_text(min_p, 'M params')} on their own, but no one chain meets both; "
+               "raise --max-gflops/--max-params")
+    err = InfeasibleError(msg)
+    err.min_params, err.min_macs = min_p, min_m
+    return err
+
+
 def _no_fit_message(singles: list[SingleScore], max_params: float | None, max_macs: float | None,
                     num_classes: int) -> str:
-    budget = " and ".join(([f"{max_macs / 1e9:g} GFLOPs"] if max_macs is not None else [])
-                          + ([f"{max_params / 1e6:g} M params"] if max_params is not None else []))
     parts = []
     if max_macs is not None:
         s = min(singles, key=lambda s: s.macs)
-        parts.append(f"the smallest needs {s.macs / 1e9:.4f} GFLOPs ({s.model})")
+        parts.append(f"the smallest needs {needed_text(s.macs, 'GFLOPs')} ({s.model})")
     if max_params is not None:
         s = min(singles, key=lambda s: s.params)
-        parts.append(f"the smallest needs {s.params / 1e6:.3f} M params ({s.model})")
-    return (f"no zoo model fits within {budget} with a new {num_classes}-class head: {'; '.join(parts)}; "
-            "raise --max-gflops/--max-params")
+        parts.append(f"the smallest needs {needed_text(s.params, 'M params')} ({s.model})")
+    return (f"no zoo model fits within {budget_text(max_macs, max_params)} with a new {num_classes}-class head: "
+            f"{'; '.join(parts)}; raise --max-gflops/--max-params")
 
 
 def baseline(
@@ -242,6 +292,7 @@ def baseline(
         names = [model]
     if not names:
         raise WorkspaceError(f"{ws.root} holds no dissected model; run 'surgery dissect' first")
+    part = _optional_partition(ws)  # read before any work: a corrupt one fails at once
     max_params = max_params_m * 1e6 if max_params_m is not None else None
     max_macs = max_gflops * 1e9 if max_gflops is not None else None
     images, labels, classes = _target_batches(data, seed, target_samples)
@@ -271,7 +322,7 @@ def baseline(
         raise InfeasibleError(_no_fit_message(singles, max_params, max_macs, num_classes))
 
     top, net, x = best
-    plans = _single_plans(ws, top.model, manifests[top.model])
+    plans = _single_plans(ws, top.model, manifests[top.model], part)
     built = build_chain({top.model: net}, {}, plans, {top.model: x}, labels, num_classes)
     size = manifests[top.model]["settings"]["input_size"]
     ranked = Ranked(None, plans, count_params(built), count_macs(built, torch.zeros(1, *size)), float(top.proxy),

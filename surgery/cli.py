@@ -7,12 +7,14 @@ for machine-readable output, exit code 0 on success and 2 on bad input with a on
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgery.errors import USER_ERRORS
@@ -31,18 +33,48 @@ err_console = Console(stderr=True)
 WorkdirArg = Annotated[Path, typer.Argument(help="Workspace folder written by 'surgery dissect'.")]
 
 
+def error_line(message: str) -> None:
+    """Print ``error: MESSAGE`` on one line of stderr (the message is shown as is, never as markup)."""
+    lines = str(message).strip().splitlines()
+    err_console.print(f"[bold red]error:[/] {escape(lines[0] if lines else message)}", highlight=False,
+                      soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (code 2 = bad input)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
 
 
-def fmt_m(n: int | float) -> str:
-    return f"{n / 1e6:.2f}"
+def fmt_sig(value: float, decimals: int, digits: int = 4, up: bool = False) -> str:
+    """``value`` with at least ``decimals`` decimals and at least ``digits`` significant figures.
+
+    Tiny blocks keep their size (``0.000003456``, not ``0.000``) and a shown cost never reads as
+    equal to a budget it exceeds; ``up`` rounds up (for "over budget" rows and "the smallest needs").
+    """
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.{decimals}f}"
+    places = max(decimals, digits - 1 - math.floor(math.log10(abs(value))))
+    if up:
+        value = math.ceil(value * 10 ** places - 1e-9) / 10 ** places
+    return f"{value:.{places}f}"
 
 
-def fmt_g(n: int | float) -> str:
-    return f"{n / 1e9:.3f}"
+def fmt_m(n: int | float, up: bool = False) -> str:
+    """Parameters in millions."""
+    return fmt_sig(n / 1e6, 2, up=up)
+
+
+def fmt_g(n: int | float, up: bool = False) -> str:
+    """MACs in GFLOPs (= GMACs)."""
+    return fmt_sig(n / 1e9, 3, up=up)
+
+
+def check_budgets(max_gflops: float | None, max_params: float | None) -> None:
+    """Refuse a budget that is not a positive finite number (nan, inf, 0, negative)."""
+    for flag, value in (("--max-gflops", max_gflops), ("--max-params", max_params)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            fail(f"{flag} must be a positive number (got {value})")
 
 
 class StepProgress:
@@ -51,6 +83,7 @@ class StepProgress:
     def __init__(self, total: int, label: str, quiet: bool = False):
         self.total, self.label, self.quiet = total, label, quiet
         self.done = 0
+        self._finished: set[str] = set()  # an item reported done twice is counted once
         self._progress = None
         if not quiet and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -69,6 +102,10 @@ class StepProgress:
             self._progress.__exit__(*exc)
 
     def update(self, item: str, phase: str) -> None:
+        if phase == "done":
+            if item in self._finished:
+                return
+            self._finished.add(item)
         if self._progress:
             if phase == "done":
                 self._progress.advance(self._task)
@@ -87,7 +124,7 @@ def dissect(
                            ] = False,
     weights: Annotated[Path | None, typer.Option(help="Checkpoint (safetensors/.pth) for a single model.")
                        ] = None,
-    input_size: Annotated[int | None, typer.Option(help="Square input size (default: each model's own).")
+    input_size: Annotated[int | None, typer.Option(min=1, help="Square input size (default: each model's own).")
                           ] = None,
     granularity: Annotated[str, typer.Option(help="block | stage | node.")] = "block",
     structure_only: Annotated[bool, typer.Option("--structure-only",
@@ -174,8 +211,8 @@ def similarity(
     workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
     data: Annotated[str, typer.Option(help="Probe data: fashion-mnist, digits, an image folder, IDX files.")
                     ] = "fashion-mnist",
-    samples: Annotated[int, typer.Option(help="Number of probe images.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (>= 4; 64+ recommended).")] = 100,
+    samples: Annotated[int, typer.Option(min=4, help="Number of probe images.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=4, help="Images per batch (64+ recommended).")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the probe draw.")] = 0,
     prefix: Annotated[str, typer.Option(help="Class tokens when pooling tokens: exclude | include | cls.")
                       ] = "exclude",
@@ -223,11 +260,11 @@ def similarity(
 @app.command(epilog="Example: surgery partition surgery-workspace --stages 4")
 def partition(
     workdir: WorkdirArg = Path(DEFAULT_WORKSPACE),
-    stages: Annotated[int, typer.Option(help="K: blocks per model = number of equivalence sets.")] = 4,
+    stages: Annotated[int, typer.Option(min=2, help="K: blocks per model = number of equivalence sets.")] = 4,
     eps: Annotated[float | None, typer.Option(
         help="Balance: each block <= (1+eps) * model MACs / K, strict for every model. Default: 0.2, relaxed "
              "per model to its smallest feasible eps where 0.2 cannot be met (reported).")] = None,
-    restarts: Annotated[int, typer.Option(help="Random restarts of the alternation.")] = 20,
+    restarts: Annotated[int, typer.Option(min=1, help="Random restarts of the alternation.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the restarts.")] = 0,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG pictures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -235,10 +272,8 @@ def partition(
     """Cut every model into K stages so that the k-th blocks of all models are functionally equivalent."""
     from surgery.equivalence import run_partition
 
-    if stages < 2:
-        fail("--stages must be at least 2")
-    if eps is not None and not eps >= 0:
-        fail("--eps must be >= 0")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        fail(f"--eps must be a number >= 0 (got {eps})")
     result = run_partition(workdir, stages, eps=eps, restarts=restarts, seed=seed, plots=not no_plots)
     if as_json:
         print(json_text(result))
@@ -271,8 +306,8 @@ def reassemble(
                           ] = None,
     max_params: Annotated[float | None, typer.Option(help="Parameter budget in millions.")] = None,
     data: Annotated[str | None, typer.Option(help="Target data (stitch/head fitting, quality, proxy).")] = None,
-    stages: Annotated[int, typer.Option(help="K, when the workspace has no partition yet.")] = 4,
-    top: Annotated[int, typer.Option(help="Chains solved for and re-ranked by the proxy.")] = 5,
+    stages: Annotated[int, typer.Option(min=2, help="K, when the workspace has no partition yet.")] = 4,
+    top: Annotated[int, typer.Option(min=1, help="Chains solved for and re-ranked by the proxy.")] = 5,
     proxy: Annotated[str, typer.Option(help="linear | logme | naswot | params (linear: the best predictor of "
                                        "fine-tuned accuracy in the README's transfer benchmark).")] = "linear",
     solver: Annotated[str, typer.Option(help="cbc (bundled) | highs.")] = "cbc",
@@ -285,10 +320,12 @@ def reassemble(
 
     if proxy not in ("logme", "linear", "naswot", "params"):
         fail(f"--proxy must be logme, linear, naswot or params (got {proxy!r})")
-    if top < 1:
-        fail("--top must be at least 1")
+    check_budgets(max_gflops, max_params)
     # notes (steps run, models left out, chains skipped) go to stderr in both modes: --json keeps stdout clean
     log = (lambda msg: err_console.print(msg, highlight=False))
+    if data is None:  # the README's two-command session relies on this default: say which target it is
+        data_note = _default_target(workdir)
+        log(f"no --data: the target is {data_note} (the head keeps its classes); pass --data for your task")
     result = run(workdir, max_gflops=max_gflops, max_params_m=max_params, data=data, stages=stages, top=top,
                  proxy=proxy, solver=solver, seed=seed, out_dir=out, log=log)
     single = result.best_single
@@ -364,9 +401,7 @@ def baseline(
         fail("--data is required: the target data the new head is fitted on (e.g. --data digits)")
     if proxy not in ("logme", "linear", "naswot", "params"):
         fail(f"--proxy must be linear, logme, naswot or params (got {proxy!r})")
-    for flag, value in (("--max-gflops", max_gflops), ("--max-params", max_params)):
-        if value is not None and not value > 0:
-            fail(f"{flag} must be a positive number (got {value})")
+    check_budgets(max_gflops, max_params)
     log = (lambda msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False))
     result = run(workdir, model, data=data, max_gflops=max_gflops, max_params_m=max_params, proxy=proxy, seed=seed,
                  out_dir=out, log=log)
@@ -379,7 +414,8 @@ def baseline(
         table.add_column(col)
     for i, s in enumerate(result.singles, start=1):
         note = "best: written" if s.model == best.stages[0].model else ("" if s.fits else "over budget")
-        table.add_row(str(i) if s.fits else "-", s.model, fmt_m(s.params), fmt_g(s.macs),
+        up = not s.fits  # an over-budget cost rounds up: it never reads as equal to the budget
+        table.add_row(str(i) if s.fits else "-", s.model, fmt_m(s.params, up=up), fmt_g(s.macs, up=up),
                       "" if s.proxy is None else f"{s.proxy:.4f}", note)
     console.print(table)
     console.print(f"written: {out}/ (config.json, model.safetensors, README.md); next: surgery finetune {out} "
@@ -390,8 +426,8 @@ def baseline(
 def finetune(
     model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble' or 'baseline'.")],
     data: Annotated[str, typer.Option(help="Target data (same classes as the model's head).")],
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 1e-3,
     freeze: Annotated[str, typer.Option(help="none (DeRy FT) | blocks (DeRy FZ: stitches and head only).")
                       ] = "none",
@@ -405,8 +441,8 @@ def finetune(
 
     if freeze not in ("none", "blocks"):
         fail(f"--freeze must be none or blocks (got {freeze!r})")
-    if epochs < 1:
-        fail("--epochs must be at least 1")
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number (got {lr})")
     summary = finetune_model_dir(model_dir, data, epochs=epochs, batch_size=batch_size, lr=lr, freeze=freeze,
                                  ema=ema, seed=seed, resume=resume, quiet=as_json)
     if as_json:
@@ -421,7 +457,7 @@ def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble'.")],
     data: Annotated[str, typer.Option(help="Data to evaluate on.")],
     split: Annotated[str, typer.Option(help="test | val | train.")] = "test",
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -468,8 +504,8 @@ def zoo_build_mini(
 def demo(
     out: Annotated[Path, typer.Option(help="Demo folder (workspace and models).")] = Path("surgery-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A much smaller run (smoke test).")] = False,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs for every contender "
-                                               "[default: 6, 1 with --quick].")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Fine-tuning epochs for every contender (default: 6; 1 with --quick).")] = None,
     stages: Annotated[int, typer.Option(min=2, help="Equivalence sets (stages) K.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of every split, draw and fine-tuning.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -504,6 +540,16 @@ def _offline_guard(host: str = "huggingface.co", timeout: float = 2.0) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def _default_target(workdir: Path) -> str:
+    """What ``reassemble`` uses as its target without ``--data``: the similarity step's probe data."""
+    import json
+
+    try:
+        return json.loads((Path(workdir) / "similarity" / "similarity.json").read_text())["settings"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the similarity probe data (fashion-mnist, or digits where it is not available)"
+
+
 def _spec_text(spec: dict) -> str:
     grid = "x".join(str(g) for g in spec["grid"]) if spec.get("grid") else ""
     text = f"{spec['layout']} {spec['channels']}"
@@ -514,30 +560,76 @@ def _spec_text(spec: dict) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app, turning user errors into one line and exit code 2."""
+def _usage_error(e: Exception) -> int | None:
+    """Show a click/typer error (usage, missing or bad parameter, abort) on one error line.
+
+    Returns the exit code, or None when ``e`` is not such an error. Typer vendors click
+    (``typer._click``), so both its exceptions and click's own are recognised.
+    """
+    errors: tuple[type, ...] = (typer.exceptions.TyperException,)
+    aborts: tuple[type, ...] = (typer.Abort,)
     try:
-        # standalone_mode=False: click returns the code of typer.Exit instead of raising it
+        import click
+
+        errors += (click.exceptions.ClickException,)
+        aborts += (click.exceptions.Abort,)
+    except ImportError:  # pragma: no cover - typer without click
+        pass
+    if isinstance(e, aborts):
+        err_console.print("aborted", highlight=False)
+        return 130
+    if not isinstance(e, errors):
+        return None
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click shows it
+        e.show()
+        return int(getattr(e, "exit_code", 2))
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:  # click's usage line and hint, then our one error line
+        print(ctx.get_usage(), file=sys.stderr)
+        if ctx.command.get_help_option(ctx) is not None:
+            print(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", file=sys.stderr)
+    error_line(" ".join(e.format_message().split()))
+    return int(getattr(e, "exit_code", 2) or 2)
+
+
+def _validation_error(e: Exception) -> bool:
+    """Show a pydantic ValidationError of a config (e.g. ``lr=-1``) as one line naming the field."""
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(e, ValidationError):
+        return False
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    field = ".".join(str(p) for p in first.get("loc", ())) or e.title
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    error_line(f"invalid {field} = {first.get('input')!r}: {first.get('msg', 'invalid value')}{more}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app, turning bad input into one error line and exit code 2."""
+    try:
+        # standalone_mode=False: click returns the code of typer.Exit instead of raising it, and usage
+        # errors reach us (handled below) instead of click's own display
         code = app(args=argv, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()
-        err_console.print(f"[bold red]error:[/] {msg[0] if msg else type(e).__name__}", highlight=False,
-                          soft_wrap=True)
+        error_line(msg[0] if msg else type(e).__name__)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception as e:
+        code = _usage_error(e)
+        if code is not None:
+            sys.exit(code)
+        if _validation_error(e):
+            sys.exit(2)
         raise
 
 

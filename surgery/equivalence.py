@@ -168,16 +168,36 @@ def run_partition(
         "models": models_out,
         "sets": sets,
     }
-    write_json(ws.root / "partition.json", manifest)
+    write_json(partition_path(ws), manifest)
     if plots:
         write_partition_plots(ws, manifest, sim, cands)
     return manifest
 
 
 def read_partition(ws: Workspace) -> dict[str, Any]:
-    """The workspace's partition manifest (one-line error when missing or from another schema)."""
-    return read_manifest(ws.root / "partition.json", PARTITION_SCHEMA, what="partition manifest",
-                         missing=f"no partition in {ws.root}: run 'surgery partition {ws.root}' first")
+    """The workspace's partition manifest (one-line error when missing, corrupt or from another schema).
+
+    Callers that compute a missing partition must test :func:`partition_exists` first: a corrupt file
+    is the user's to repair, never to be replaced silently.
+    """
+    manifest = read_manifest(partition_path(ws), PARTITION_SCHEMA, what="partition manifest",
+                             missing=f"no partition in {ws.root}: run 'surgery partition {ws.root}' first",
+                             fix=f"delete it or re-run 'surgery partition {ws.root}'")
+    for key in ("stages", "models", "sets"):
+        if key not in manifest:
+            raise WorkspaceError(f"{partition_path(ws)} lacks the field {key!r} "
+                                 f"(delete it or re-run 'surgery partition {ws.root}')")
+    return manifest
+
+
+def partition_path(ws: Workspace) -> Path:
+    """Where the workspace's partition manifest lives."""
+    return ws.root / "partition.json"
+
+
+def partition_exists(ws: Workspace) -> bool:
+    """Whether the workspace has a partition file (readable or not: see :func:`read_partition`)."""
+    return partition_path(ws).exists() or partition_path(ws).is_symlink()
 
 
 def write_partition_plots(ws: Workspace, manifest: dict[str, Any], sim: dict[str, Any],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class ModelStatus:
     macs: int = 0
     seconds: float = 0.0
     reason: str = ""
+    note: str = ""  # e.g. why a cached model was dissected again
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -70,6 +72,39 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _stderr_note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cached_problem(workspace: Workspace, name: str, settings: dict[str, Any]) -> str | None:
+    """Why a model the index lists as done cannot be reused (``None``: it can).
+
+    Reads the manifest with the reader every later step uses (:meth:`Workspace.read_dissection`), so a
+    manifest that would fail there is never reported as cached; checks that it was written with these
+    settings (a crash between the manifest and the index write leaves them apart) and that the weights
+    file it names is a readable safetensors file.
+    """
+    path = workspace.dissection_path(name)
+    if not path.exists():
+        return f"its manifest {path} is missing"
+    try:
+        manifest = workspace.read_dissection(name, hint=False)
+    except WorkspaceError as e:
+        return str(e)
+    if manifest.get("settings") != settings:
+        return f"its manifest {path} was written with other settings ({manifest.get('settings')})"
+    if manifest.get("weights"):
+        from safetensors import SafetensorError, safe_open
+
+        weights = workspace.model_dir(name) / str(manifest["weights"])
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            return f"its weights file {weights} is missing or corrupt ({_one_line(e)})"
+    return None
+
+
 def dissect_zoo(
     entries: Iterable[ZooEntry],
     workspace: Workspace,
@@ -79,6 +114,7 @@ def dissect_zoo(
     structure_only: bool = False,
     verify: bool = True,
     on_model: Callable[[str, str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[ModelStatus]:
     """Dissect every zoo entry into the workspace (resumable; failures do not stop the rest).
 
@@ -90,6 +126,8 @@ def dissect_zoo(
         structure_only: build on the meta device (no weights in memory; no chaining check possible).
         verify: check that the chained blocks reproduce the model on a random input.
         on_model: callback ``(name, phase)`` for progress display (phase: build, dissect, save, done).
+        on_note: receives one-line notes, e.g. that a cached model's manifest was corrupt and the model
+            is dissected again (default: printed to stderr). The note is also in ``ModelStatus.note``.
 
     Returns:
         One :class:`ModelStatus` per entry, in order.
@@ -110,11 +148,16 @@ def dissect_zoo(
                 size = (size[0], int(input_size), int(input_size))
             settings = _settings(size, granularity, structure_only)
             done = index["models"].get(entry.name)
-            if done and done.get("settings") == settings and workspace.dissection_path(entry.name).exists():
-                results.append(ModelStatus(entry.name, "cached", done["cut_points"], done["blocks"],
-                                           done["params"], done["macs"], 0.0))
-                notify("done")
-                continue
+            note = ""
+            if done and done.get("settings") == settings:
+                problem = _cached_problem(workspace, entry.name, settings)
+                if problem is None:
+                    results.append(ModelStatus(entry.name, "cached", done["cut_points"], done["blocks"],
+                                               done["params"], done["macs"], 0.0))
+                    notify("done")
+                    continue
+                note = f"{problem}: dissected again"
+                (on_note or _stderr_note)(f"note: {entry.name}: {note}")
             notify("dissect")
             d = dissect(model, size, name=entry.name, granularity=granularity,
                         verify=verify and not structure_only)
@@ -132,7 +175,7 @@ def dissect_zoo(
                 manifest["weights"] = workspace.weights_path(entry.name).name
             workspace.write_dissection(entry.name, manifest)
             status = ModelStatus(entry.name, "ok", len(d.cut_points), len(d.blocks), d.params, d.macs,
-                                 time.perf_counter() - t0)
+                                 time.perf_counter() - t0, note=note)
             workspace.record_model(entry.name, {**{k: v for k, v in status.to_dict().items()
                                                    if k in ("cut_points", "blocks", "params", "macs")},
                                                 "settings": settings})

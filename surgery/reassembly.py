@@ -43,10 +43,10 @@ from surgery.assembled import (
     headless,
     save,
 )
-from surgery.baseline import DEFAULT_PROXY, score_loaded
+from surgery.baseline import DEFAULT_PROXY, budget_infeasible, score_loaded
 from surgery.count import count_params
-from surgery.equivalence import read_partition, run_partition
-from surgery.errors import SurgeryError, WorkspaceError
+from surgery.equivalence import partition_exists, partition_path, read_partition, run_partition
+from surgery.errors import InfeasibleError, SurgeryError, WorkspaceError
 from surgery.library import load_model_entry
 from surgery.proxy import logme, score_candidate
 from surgery.similarity import compute_similarity, cut_similarity, read_similarity
@@ -277,6 +277,34 @@ def _cache_put(activations: dict[tuple[str, str | None], torch.Tensor], key: tup
         activations[key] = value
 
 
+def _settings_text(settings: Any) -> str:
+    if not isinstance(settings, dict):
+        return repr(settings)
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _check_partition_against(ws: Workspace, part: dict[str, Any], sim: dict[str, Any],
+                             log: Callable[[str], None] | None) -> None:
+    """Say when the partition was made from another similarity than the workspace's current one.
+
+    A partition made before the similarity was recomputed (other probe data or settings) is stale:
+    it is still used, with a note naming both settings. When it names a model or cut point that the
+    current similarity lacks it cannot be used at all (one-line :class:`WorkspaceError`).
+    """
+    made_from, now = part.get("similarity"), sim.get("settings")
+    if made_from != now:
+        _announce(f"note: the partition is stale: {partition_path(ws).name} was made from the similarity on "
+                  f"[{_settings_text(made_from)}] but the similarity is now on [{_settings_text(now)}]; "
+                  f"re-run 'surgery partition {ws.root}' to update it", log)
+    for n, m in part["models"].items():
+        nodes = set(sim["nodes"].get(n, ()))
+        used = {b[key] for b in m.get("stage_blocks", ()) for key in ("start", "end")} - {None}
+        if n not in sim["nodes"] or not used <= nodes:
+            raise WorkspaceError(
+                f"{partition_path(ws)} does not match the similarity ({n} or its cut points are not in it): "
+                f"delete it or re-run 'surgery partition {ws.root}'")
+
+
 def single_model(workdir: str | Path, name: str, data: str, *, seed: int = 0, target_samples: int = 256,
                  proxy: str = DEFAULT_PROXY, out_dir: str | Path | None = None) -> Ranked:
     """One zoo model with a new head for ``data``: :func:`surgery.baseline.baseline` with ``model=name``.
@@ -332,14 +360,18 @@ def reassemble(
     ws = Workspace(workdir).require()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if not (ws.root / "similarity" / "similarity.json").exists():
+    # Only a MISSING step runs here: a file that exists but cannot be read is reported (one line) and
+    # left for the user, never silently replaced.
+    sim_path = ws.root / "similarity" / "similarity.json"
+    if not (sim_path.exists() or sim_path.is_symlink()):
         probe = probe or _default_probe()
         _announce(f"no similarity yet: computing it on {probe} (500 images)", log)
         compute_similarity(ws.root, probe, samples=500, seed=seed)
     sim = read_similarity(ws)
-    try:
+    if partition_exists(ws):
         part = read_partition(ws)
-    except WorkspaceError:
+        _check_partition_against(ws, part, sim, log)
+    else:
         _announce(f"no partition yet: cutting every model into {stages} stages", log)
         part = run_partition(ws.root, stages, seed=seed)
         for n, m in part["models"].items():
@@ -412,7 +444,10 @@ def reassemble(
                               param_penalty=1e-12)
     for fn in constraints or []:
         program.add_constraint(fn)
-    chains = program.solve(top=top, solver=solver)
+    try:
+        chains = program.solve(top=top, solver=solver)
+    except InfeasibleError as exc:  # say it in the units of the budgets given: GFLOPs and M params
+        raise budget_infeasible(exc, max_gflops, max_params_m) from exc
     timings["solve"] = time.perf_counter() - t0
     _announce(f"solver: {len(chains)} chain(s) within budget", log)
 

@@ -61,12 +61,35 @@ def model_dirname(name: str) -> str:
     return safe or "model"
 
 
+def _current_umask() -> int:
+    """The process umask (read from ``/proc`` where it can be, else set-and-restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: an existing file's own, else 0666 & ~umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     The temporary file lives in the destination folder so the final ``os.replace`` is atomic on
-    POSIX. On an exception the temporary file is removed and ``path`` is left untouched.
+    POSIX. On an exception the temporary file is removed and ``path`` is left untouched. The file
+    gets the mode a plain write would give it (:func:`new_file_mode`), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +98,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, new_file_mode(path))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -96,9 +120,12 @@ def read_json(path: str | os.PathLike, *, what: str = "manifest") -> Any:
         raise WorkspaceError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WorkspaceError(f"corrupt {what} {path}: {e}") from None
+    except OSError as e:
+        raise WorkspaceError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def read_manifest(path: str | os.PathLike, schema: str, *, what: str, missing: str) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike, schema: str, *, what: str, missing: str,
+                  fix: str | None = None) -> dict[str, Any]:
     """Read a JSON manifest of a given schema; one-line :class:`WorkspaceError` when missing or foreign.
 
     Args:
@@ -106,13 +133,19 @@ def read_manifest(path: str | os.PathLike, schema: str, *, what: str, missing: s
         schema: the expected ``"schema"`` field.
         what: what the file is, for messages.
         missing: the message when the file does not exist (say which command writes it).
+        fix: what to do about a corrupt or foreign file, appended in parentheses (e.g. which command
+            rewrites it).
     """
     path = Path(path)
     if not path.exists():
         raise WorkspaceError(missing)
-    data = read_json(path, what=what)
+    suffix = f" ({fix})" if fix else ""
+    try:
+        data = read_json(path, what=what)
+    except WorkspaceError as e:
+        raise WorkspaceError(f"{e}{suffix}") from None
     if not isinstance(data, dict) or data.get("schema") != schema:
-        raise WorkspaceError(f"{path} is not a {schema} {what}")
+        raise WorkspaceError(f"{path} is not a {schema} {what}{suffix}")
     return data
 
 
@@ -201,14 +234,20 @@ class Workspace:
         """Names of the successfully dissected models, in the order they were added."""
         return list(self.read_index()["models"])
 
-    def read_dissection(self, name: str) -> dict[str, Any]:
-        """One model's dissection manifest, schema-checked."""
-        data = read_json(self.dissection_path(name), what=f"dissection manifest of {name!r}")
+    def read_dissection(self, name: str, *, hint: bool = True) -> dict[str, Any]:
+        """One model's dissection manifest, schema-checked (``hint``: the error says how to rebuild it)."""
+        path = self.dissection_path(name)
+        fix = f"re-run 'surgery dissect --out {self.root}' to rebuild it" if hint else ""
+        try:
+            data = read_json(path, what=f"dissection manifest of {name!r}")
+        except WorkspaceError as e:
+            raise WorkspaceError(f"{e} ({fix})" if fix else str(e)) from None
+        fix = f" ({fix})" if fix else ""
         if not isinstance(data, dict) or data.get("schema") != DISSECTION_SCHEMA:
-            raise WorkspaceError(f"{self.dissection_path(name)} is not a {DISSECTION_SCHEMA} manifest")
-        for key in ("entry", "input_size", "boundaries", "blocks"):
+            raise WorkspaceError(f"{path} is not a {DISSECTION_SCHEMA} manifest{fix}")
+        for key in ("entry", "settings", "input_size", "boundaries", "blocks"):
             if key not in data:
-                raise WorkspaceError(f"{self.dissection_path(name)} lacks the field {key!r}")
+                raise WorkspaceError(f"{path} lacks the field {key!r}{fix}")
         return data
 
     def write_dissection(self, name: str, data: dict[str, Any]) -> None:
