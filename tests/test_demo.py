@@ -101,3 +101,18 @@ def test_quick_demo_writes_a_coherent_summary(tmp_path):
     assert f"{v['test_images']} test images" in v["text"]
     assert summary["numerics"]["threads"] == MINI_THREADS
     assert set(summary["zoo_weights_sha256"]) >= {r["method"].removeprefix("single: ") for r in singles}
+
+
+def test_similarity_cache_check_survives_a_corrupt_manifest(tmp_path):
+    from surgery.demo import similarity_cached
+
+    path = tmp_path / "similarity.json"
+    assert not similarity_cached(path, 1000)  # missing
+    path.write_text('{"settings": {"samples": 1000}')  # cut short
+    assert not similarity_cached(path, 1000)
+    path.write_text('[1, 2]')  # valid JSON, wrong shape
+    assert not similarity_cached(path, 1000)
+    path.write_text(json.dumps({"settings": {"samples": 200}}))
+    assert not similarity_cached(path, 1000)
+    path.write_text(json.dumps({"settings": {"samples": 1000}}))
+    assert similarity_cached(path, 1000)
