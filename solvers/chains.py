@@ -154,24 +154,21 @@ class Chain:
     budgets: dict[str, float] = field(default_factory=dict, hash=False)
 
 
+def _finite_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def check_budget(name: str, value: float | None) -> None:
     """Raise :class:`SolverError` unless the budget ``value`` is None (no budget) or a finite number."""
-    if value is None:
-        return
-    try:
-        ok = math.isfinite(float(value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if value is not None and not _finite_number(value):
         raise SolverError(f"budget {name} must be a finite number (or None for no budget), got {value!r}")
 
 
 def _check_finite(value, what: str) -> None:
-    try:
-        ok = math.isfinite(float(value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if not _finite_number(value):
         raise SolverError(f"{what} is {value!r}: every number entering the solver must be finite")
 
 
