@@ -287,7 +287,7 @@ def _round_up(x: float, digits: int = 6) -> float:
 def _infeasible(model: int, cum: np.ndarray, total: float, n_stages: int, eps: float) -> InfeasibleError:
     if cum.size < n_stages - 1:
         err = InfeasibleError(
-            f"model {model} has {cum.size} candidate cut points; {n_stages} stages need {n_stages - 1}"
+            f"model {model} has {cum.size} block boundaries (candidate cuts); {n_stages} stages need {n_stages - 1}"
         )
         err.min_eps = math.inf  # type: ignore[attr-defined]
         return err

@@ -245,7 +245,8 @@ def similarity(
     table = Table(title=f"similarity ({result['settings']['estimator']} CKA, {summary['samples']} images of "
                         f"{data})")
     table.add_column("model")
-    table.add_column("cut points", justify="right")
+    # the block boundaries (what partition cuts at), not every cut point `surgery inspect` lists
+    table.add_column("boundaries", justify="right")
     table.add_column("mean CKA to other models", justify="right")
     matrix = result["matrix"]
     for m in result["models"]:

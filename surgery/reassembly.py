@@ -609,6 +609,13 @@ def _build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chai
     return model.eval(), x
 
 
+def _budget_text(max_gflops: float | None, max_params_m: float | None) -> str:
+    """The budget in words for a model card ('none' rather than 'None' for an absent limit)."""
+    parts = ([f"at most {max_gflops:g} GFLOPs"] if max_gflops is not None else []) + (
+        [f"at most {max_params_m:g} M params"] if max_params_m is not None else [])
+    return ", ".join(parts) or "none"
+
+
 def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes: list[str],
                 max_gflops, max_params_m, proxy: str, seed: int, kind: str = "reassembled") -> Path:
     """Save a built chain as a model folder: recipe, weights and model card.
@@ -650,7 +657,7 @@ def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes
             f"| stage | source model | block |\n|---|---|---|\n{rows}\n\n"
             f"- parameters: {best.params / 1e6:.3f} M (counted on the model)\n"
             f"- GFLOPs (GMACs, batch 1, input {'x'.join(map(str, first.input_size))}): {best.macs / 1e9:.4f}\n"
-            f"- budget: max GFLOPs {max_gflops}, max params (M) {max_params_m}\n"
+            f"- budget: {_budget_text(max_gflops, max_params_m)}\n"
             f"- proxy ({proxy}): {best.proxy:.4f}\n\n"
             "Load with `surgery.load(folder)`; all weights are in `model.safetensors`.\n")
     return save(best.model, out_dir, recipe, card)

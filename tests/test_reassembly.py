@@ -194,3 +194,11 @@ def test_a_receiver_without_token_context_is_not_offered(small_zoo, monkeypatch)
     assert not result.skipped
     assert all([s.model for s in r.stages] != ["test_resnet", "deit_dist"] for r in result.ranked)
     assert any("not offered" in n for n in notes)
+
+
+def test_model_card_budget_text():
+    from surgery.reassembly import _budget_text
+
+    assert _budget_text(None, None) == "none"
+    assert _budget_text(0.0064, None) == "at most 0.0064 GFLOPs"
+    assert _budget_text(2.5, 30) == "at most 2.5 GFLOPs, at most 30 M params"
