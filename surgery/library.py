@@ -215,6 +215,9 @@ class LibraryModel:
             x = block(x)
         return x
 
+    def __repr__(self) -> str:  # the dataclass default would print every module of the model
+        return f"LibraryModel({self.name!r}, {len(self.blocks)} blocks, input {self.input_size})"
+
 
 @dataclass
 class Library:
@@ -231,6 +234,9 @@ class Library:
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def __repr__(self) -> str:
+        return f"Library({str(self.workspace.root)!r}, {len(self.models)} models: {', '.join(self.models)})"
 
 
 def load_model_entry(workspace: Workspace, name: str, modules: dict[str, nn.Module] | None = None

@@ -84,6 +84,9 @@ def test_library_reloads_to_identical_outputs(tiny_workspace):
         # the rebuilt weights are the dissected ones: a fresh random-init build gives the same output
         fresh = timm.create_model(item.entry.arch, pretrained=False)
         assert fresh is not None
+    # a readable summary, not every module of every model
+    assert len(repr(lib).splitlines()) == 1 and all(name in repr(lib) for name in TINY_ZOO)
+    assert all(len(repr(item).splitlines()) == 1 for item in lib)
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
