@@ -10,6 +10,7 @@ when training completes, so an interrupted run never damages the saved model.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,35 @@ from surgery.train import TrainConfig, evaluate, train
 from surgery.workspace import read_json, save_tensors, write_json
 
 
+def check_classes(recipe: dict[str, Any], data: str, classes: Sequence[Any]) -> None:
+    """Refuse data whose classes are not the ones the model's head was made for.
+
+    The count must match, and so must the class names when the model folder records them (a digits
+    model and Fashion-MNIST both have 10 classes; fine-tuning one on the other would silently replace
+    the head's meaning, evaluating it would report a meaningless accuracy).
+
+    Raises:
+        SurgeryError: the classes differ (one line, naming both).
+    """
+    from surgery.errors import SurgeryError
+
+    names = [str(c) for c in classes]
+    if len(names) != recipe["num_classes"]:
+        raise SurgeryError(f"{data} has {len(names)} classes but the model's head has {recipe['num_classes']}; "
+                           "reassemble with --data on this target")
+    made_for = recipe.get("classes")
+    if made_for is not None and [str(c) for c in made_for] != names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        made = ", ".join(str(c) for c in made_for[:4]) + (", ..." if len(made_for) > 4 else "")
+        raise SurgeryError(f"{data}'s classes ({shown}) are not the ones the model was made for "
+                           f"({recipe.get('target', 'its target')}: {made}); reassemble with --data on this target")
+
+
 def _loaders(recipe: dict[str, Any], data: str, batch_size: int, seed: int, val_fraction: float = 0.1):
     from zoo.data import load_splits, make_loader, make_transform
 
     splits = load_splits(data, seed=seed, val_fraction=val_fraction)
-    n_classes = len(splits["train"].classes)
-    if n_classes != recipe["num_classes"]:
-        from surgery.errors import SurgeryError
-
-        raise SurgeryError(f"{data} has {n_classes} classes but the model's head has {recipe['num_classes']}; "
-                           "reassemble with --data on this target")
+    check_classes(recipe, data, splits["train"].classes)
     tf = make_transform(tuple(recipe["input_size"]), recipe.get("mean"), recipe.get("std"))
     return (make_loader(splits["train"], batch_size, shuffle=True, seed=seed, transform=tf),
             make_loader(splits["val"], batch_size, transform=tf),
@@ -79,6 +99,7 @@ def evaluate_model_dir(model_dir: str | Path, data: str, *, split: str = "test",
     recipe = read_recipe(model_dir)
     model = load(model_dir)
     ds = load_split(data, split, seed=seed)
+    check_classes(recipe, data, ds.classes)
     tf = make_transform(tuple(recipe["input_size"]), recipe.get("mean"), recipe.get("std"))
     t0 = time.perf_counter()
     metrics = evaluate(model, make_loader(ds, batch_size, transform=tf))

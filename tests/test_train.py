@@ -292,3 +292,18 @@ def test_bad_input_raises_surgery_error(tmp_path):
         if torch.cuda.is_available():
             raise SurgeryError("CUDA present: skip the check")
         train(conv_net(), make_data(64), None, cfg(device="cuda"), quiet=True)
+
+
+def test_finetune_and_evaluate_refuse_data_with_other_classes():
+    """A digits model must not be fine-tuned or evaluated on another 10-class set (names differ)."""
+    from surgery.errors import SurgeryError
+    from surgery.finetune import check_classes
+
+    recipe = {"num_classes": 10, "classes": [str(i) for i in range(10)], "target": "digits"}
+    check_classes(recipe, "digits:per_class=20", [str(i) for i in range(10)])  # same classes: fine
+    check_classes({"num_classes": 10}, "anything", list("abcdefghij"))  # older folders record no names
+    with pytest.raises(SurgeryError, match="not the ones the model was made for"):
+        check_classes(recipe, "fashion-mnist", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                "Shirt", "Sneaker", "Bag", "Ankle boot"])
+    with pytest.raises(SurgeryError, match="has 5 classes"):
+        check_classes(recipe, "digits:classes=0-4", [str(i) for i in range(5)])
