@@ -32,11 +32,12 @@ Usage::
     .venv/bin/python benchmarks/dissect_coverage.py --report-only              # rewrite the markdown
     .venv/bin/python benchmarks/dissect_coverage.py --shard 0/4 --out /tmp/cov0  # machine 1 of 4, etc.
 
-Every record carries the code version it was measured with (``git describe --always --dirty`` of this
-checkout); records from another version are re-run unless ``--keep-old`` is given, so a report never
-mixes code versions silently. ``--shard K/N`` takes every N-th model of the shuffled list starting at K
-(several machines, or several sessions, each resumable; ``--report-only --out`` on a folder holding the
-concatenated JSONL files reports the union).
+Every record carries the code version it was measured with (the commit, ``-dirty`` when the code had
+uncommitted changes; changes under ``benchmarks/results`` do not count); records from another version
+are re-run unless ``--keep-old`` is given, so a report never mixes code versions silently.
+``--shard K/N`` takes every N-th model of the shuffled list starting at K (several machines, or
+several sessions, each resumable; ``--report-only --out`` on a folder holding the concatenated JSONL
+files reports the union).
 
 The registry is shuffled with ``--seed`` and ``--sample N`` takes the first N, so a bigger N with the same
 seed extends a smaller sample. One progress line per model is printed as it finishes.
@@ -302,15 +303,17 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 
 def code_version() -> str:
-    """``git describe --always --dirty`` of this checkout ('unknown' outside git)."""
+    """Commit of this checkout, ``-dirty`` when the code (not the results folder) has uncommitted changes."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
+        head = subprocess.run(["git", "describe", "--always"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "surgery", "solvers", "zoo",
+                                "benchmarks/dissect_coverage.py"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    version = head.stdout.strip() or "unknown"
+    return f"{version}-dirty" if dirty.stdout.strip() else version
 
 
 def _shard(text: str | None) -> tuple[int, int]:
@@ -404,7 +407,7 @@ def write_report(records: list[dict[str, Any]], path: Path, registry_size: int, 
         "|---|---|",
         f"| models measured | {n} of {registry_size} in `timm.list_models()` ({100 * n / registry_size:.1f}%) |",
         f"| of the current selection | {len(set(selected) & {r['model'] for r in records})} of {len(selected)} |",
-        f"| code versions measured (`git describe`) | "
+        f"| code versions measured (commit) | "
         f"{', '.join(f'{v}: {c}' for v, c in Counter(r.get('code', 'unrecorded') for r in records).most_common())} |",
         f"| success (verified or structure-only), 95% Wilson interval | {_wilson(ok + so, n)} |",
         f"| **dissected and verified (>= {MIN_BLOCKS} blocks, chain invariant holds)** | **{ok} ({pct(ok)})** |",
