@@ -29,13 +29,15 @@ from surgery.tracing import TensorShape
 __all__ = [
     "CutPoint", "Const", "FromDim", "DeviceOf", "Pack", "recomputable", "tensor_cuts", "crossing_values", "fit_rule",
     "crossing_rules", "group_runs", "container_boundaries", "run_candidates", "prune_block_boundaries",
-    "stage_boundaries", "merge_small_blocks", "flat_stage_boundaries", "drop_empty_blocks",
+    "stage_boundaries", "merge_small_blocks", "flat_stage_boundaries", "drop_empty_blocks", "Item", "pair_cuts",
+    "pair_rules",
 ]
 
 
 @dataclass(frozen=True)
 class CutPoint:
-    """A place where the model can be split: exactly one tensor crosses it.
+    """A place where the model can be split: exactly one tensor crosses it (or, in the fallback for
+    two-stream models, exactly two: see :func:`pair_cuts`; ``spec.parts`` then names them).
 
     Attributes:
         name: graph node name; its output is the tensor that crosses.
@@ -90,6 +92,14 @@ class Pack:
 
     kind: type
     items: tuple
+
+
+@dataclass(frozen=True)
+class Item:
+    """A crossing value whose ``rule`` applies to element ``index`` of a two-tensor block input."""
+
+    index: int
+    rule: Any
 
 
 _BAKEABLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, slice,
@@ -255,6 +265,61 @@ def crossing_rules(nodes: Sequence, probes_values: Sequence[dict[str, Any]], is_
             if rule is None:
                 break
             rules[name] = rule
+        else:
+            valid[c] = rules
+    return valid
+
+
+def pair_cuts(nodes: Sequence, is_tensor: Sequence[bool], single_tensor: Sequence[bool],
+              recompute: Sequence[bool] | None = None) -> dict[int, tuple[int, int]]:
+    """Positions where exactly two tensors cross: the node's own output and one earlier tensor (O(V+E) sweep).
+
+    Fallback for two-stream models (CrossViT's two token widths, TNT's pixel and patch tokens, NASNet's
+    cells taking the previous two cells' outputs), where :func:`tensor_cuts` finds almost nothing. Edges
+    count as in :func:`tensor_cuts`; both crossing values must be single tensors.
+
+    Returns:
+        Cut position -> the positions of the two crossing tensors, in graph order.
+    """
+    recompute = recompute if recompute is not None else [False] * len(nodes)
+    last_use = _last_use(nodes)
+    ends: dict[int, list[int]] = {}
+    live: set[int] = set()
+    out: dict[int, tuple[int, int]] = {}
+    for i, n in enumerate(nodes):
+        if n.op != "get_attr" and is_tensor[i] and not recompute[i] and last_use[i] > i:
+            live.add(i)
+            ends.setdefault(last_use[i], []).append(i)
+        for j in ends.pop(i, ()):
+            live.discard(j)
+        if (len(live) == 2 and i in live and n.op not in ("placeholder", "output", "get_attr")
+                and all(single_tensor[j] for j in live)):
+            a, b = sorted(live)
+            out[i] = (a, b)
+    return out
+
+
+def pair_rules(nodes: Sequence, probes_values: Sequence[dict[str, Any]], is_tensor: Sequence[bool],
+               pairs: dict[int, tuple[int, int]], recompute: Sequence[bool] | None = None
+               ) -> dict[int, dict[str, Any]]:
+    """:func:`crossing_rules` for two-tensor cuts: each crossing value is fitted on the first tensor's
+    shape, else on the second's, and wrapped in :class:`Item`; cuts with an unfittable value are left out."""
+    cuts = sorted(pairs)
+    crossing = crossing_values(nodes, is_tensor, cuts, recompute)
+    valid: dict[int, dict[str, Any]] = {}
+    for c in cuts:
+        shapes = [[vals[nodes[j].name].shape for vals in probes_values] for j in pairs[c]]
+        rules = {}
+        for a in crossing[c]:
+            name = nodes[a].name
+            values = [vals[name] for vals in probes_values]
+            for k, s in enumerate(shapes):
+                rule = fit_rule(values, s)
+                if rule is not None:
+                    rules[name] = Item(k, rule)
+                    break
+            else:
+                break
         else:
             valid[c] = rules
     return valid

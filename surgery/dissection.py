@@ -218,8 +218,11 @@ def _unrolled(model: nn.Module, nodes: Sequence[Node]) -> tuple[int, int] | None
 
 # --- building blocks ---------------------------------------------------------------------------
 
-def _emit_rule(graph: Graph, x: Node, rule) -> Any:
-    """Materialise a crossing-value rule as graph nodes computing it from the block input ``x``."""
+def _emit_rule(graph: Graph, x: Node, rule, parts: Sequence[Node] = ()) -> Any:
+    """Materialise a crossing-value rule as graph nodes computing it from the block input ``x`` (or from
+    the tensors ``parts`` of a two-tensor input, for :class:`surgery.cuts.Item` rules)."""
+    if isinstance(rule, C.Item):
+        return _emit_rule(graph, parts[rule.index], rule.rule)
     if isinstance(rule, C.Const):
         return rule.value
     if isinstance(rule, C.DeviceOf):
@@ -231,7 +234,7 @@ def _emit_rule(graph: Graph, x: Node, rule) -> Any:
         if rule.den != 1:
             value = graph.call_function(operator.floordiv, (value, rule.den))
         return value
-    items = [_emit_rule(graph, x, r) for r in rule.items]
+    items = [_emit_rule(graph, x, r, parts) for r in rule.items]
     if rule.kind is torch.Size:
         return graph.call_function(torch.Size, (items,))
     return rule.kind(items)
@@ -243,7 +246,8 @@ def _class_name(name: str, index: int) -> str:
 
 
 def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: int | None,
-                rules: dict[str, Any], class_name: str = "Block") -> GraphModule:
+                rules: dict[str, Any], class_name: str = "Block", start_parts: Sequence[int] = (),
+                end_parts: Sequence[int] = ()) -> GraphModule:
     """Copy the nodes after ``start`` up to ``end`` into a standalone ``GraphModule``.
 
     The block holds ``gm``'s own modules (shared, mode included: ``block.train()`` switches them, as it
@@ -257,13 +261,22 @@ def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: 
         end: position of the cut whose output the block returns (``None``: up to the model output).
         rules: crossing-value rules of the ``start`` cut (name -> rule), see :func:`surgery.cuts.fit_rule`.
         class_name: class name of the generated module.
+        start_parts: for a ``start`` cut where two tensors cross, their positions: the block's one input
+            is the tuple of both (unpacked inside); empty for a single-tensor cut.
+        end_parts: likewise for ``end``: the block returns the tuple of both tensors.
     """
     graph = Graph()
     env: dict[Node, Any] = {}
     x = None
+    parts: list[Node] = []
     if start is not None:
         x = graph.placeholder("x")
-        env[nodes[start]] = x
+        if start_parts:
+            for k, j in enumerate(start_parts):
+                parts.append(graph.call_function(operator.getitem, (x, k)))
+                env[nodes[j]] = parts[-1]
+        else:
+            env[nodes[start]] = x
 
     def lookup(a: Node) -> Any:
         if a not in env:  # defined before the block: a parameter, or a shape value recomputed from x
@@ -272,7 +285,7 @@ def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: 
             elif a.meta.get(RECOMPUTE_META):  # a table built from parameters and shapes: rebuild it here
                 env[a] = graph.node_copy(a, lookup)
             else:
-                env[a] = _emit_rule(graph, x, rules[a.name])
+                env[a] = _emit_rule(graph, x, rules[a.name], parts)
         return env[a]
 
     first = 0 if start is None else start + 1
@@ -280,7 +293,7 @@ def build_block(gm: GraphModule, nodes: Sequence[Node], start: int | None, end: 
     for i in range(first, last + 1):
         env[nodes[i]] = graph.node_copy(nodes[i], lookup)
     if end is not None:
-        graph.output(env[nodes[end]])
+        graph.output(tuple(env[nodes[j]] for j in end_parts) if end_parts else env[nodes[end]])
     block = GraphModule(gm, graph, class_name)
     adopt_mode(block, gm.training, gm)  # never flip the shared modules (the model's own) as a side effect
     return block
@@ -300,6 +313,7 @@ class Dissection:
         boundaries: names of the cut points the blocks end at.
         blocks: the blocks, standalone modules; chained they reproduce the model, in eval mode and (with
             the same random seed) in train mode.
+            A block at a two-tensor cut point (``spec.parts``) takes and/or returns a tuple of two tensors.
         block_info: metadata of each block (params and MACs counted once each; MACs at batch 1).
         params: parameters of the model; macs: MACs of the model at batch 1 and ``input_size``.
         input_spec / output_spec: specs of the model input and output.
@@ -310,7 +324,8 @@ class Dissection:
     def __init__(self, *, name: str, input_size: tuple[int, ...], granularity: str, min_macs_fraction: float,
                  graph_module: GraphModule, nodes: list[Node], valid_cuts: dict[int, dict[str, Any]],
                  specs: dict[int, TensorSpec], node_macs: list[int], params: int, cut_points: list[C.CutPoint],
-                 input_spec: TensorSpec, output_spec: TensorSpec, resizable: bool):
+                 input_spec: TensorSpec, output_spec: TensorSpec, resizable: bool,
+                 pairs: dict[int, tuple[int, int]] | None = None):
         self.name = name
         self.input_size = tuple(input_size)
         self.granularity = granularity
@@ -330,6 +345,7 @@ class Dissection:
         self.input_spec = input_spec
         self.output_spec = output_spec
         self.resizable = resizable
+        self._pairs = dict(pairs or {})  # two-tensor cut position -> positions of its two tensors
         self._position = {n.name: i for i, n in enumerate(nodes)}
         self.boundaries: list[str] = []
         self.blocks: list[nn.Module] = []
@@ -347,7 +363,7 @@ class Dissection:
     def split(self, boundaries: Sequence[str]) -> list[nn.Module]:
         """Blocks for any set of cut-point node names (order does not matter).
 
-        Any node that is a valid single-tensor cut is accepted, not only the listed ``cut_points``.
+        Any node that is a valid cut is accepted, not only the listed ``cut_points``.
 
         Args:
             boundaries: node names where the model is cut; ``[]`` gives the whole model as one block.
@@ -363,7 +379,7 @@ class Dissection:
         starts, ends = [None, *positions], [*positions, None]
         return [
             build_block(self.graph_module, self._nodes, s, e, self._valid_cuts[s] if s is not None else {},
-                        _class_name(self.name, i))
+                        _class_name(self.name, i), self._pairs.get(s, ()), self._pairs.get(e, ()))
             for i, (s, e) in enumerate(zip(starts, ends, strict=True))
         ]
 
@@ -475,7 +491,8 @@ def _output_producer(nodes: Sequence[Node]) -> int | None:
 
 def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name: str = "model",
             granularity: str = "block", min_macs_fraction: float = 0.0, verify: bool = False,
-            device: torch.device | str | None = None, flat_stages: bool = True) -> Dissection:
+            device: torch.device | str | None = None, flat_stages: bool = True,
+            pair_cuts: bool = True) -> Dissection:
     """Trace ``model`` once and cut it into blocks.
 
     Candidate cut points are single-tensor cuts, one per run of consecutive cut nodes. Granularity:
@@ -489,8 +506,13 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
 
     A model whose body is one flat sequence of layers (VGG's ``features``) would get fewer than 4 blocks
     that way; with ``flat_stages`` such a sequence is also cut before each layer that changes the grid
-    (one block per VGG stage; see :func:`surgery.cuts.flat_stage_boundaries`). Models with at least 4
-    blocks without it are not affected.
+    (one block per VGG stage; see :func:`surgery.cuts.flat_stage_boundaries`). A two-stream model
+    (CrossViT, TNT, NASNet), where two tensors cross between blocks, is then also cut where exactly two
+    tensors cross (``pair_cuts``, see :func:`surgery.cuts.pair_cuts`) when that gives at least 4 blocks;
+    such a cut's spec is ``"other"``
+    with the two tensors named in ``parts``, and a block there takes and/or returns the tuple of both
+    (:meth:`Dissection.run_blocks` chains them unchanged). Models with at least 4 blocks without these
+    fallbacks are not affected.
 
     Then, if ``min_macs_fraction > 0``, adjacent blocks are merged until each has at least that share of
     the model's MACs. Works on models on the ``meta`` device (structure only: nothing is computed).
@@ -505,6 +527,8 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         device: device of the verification input; default the model's device.
         flat_stages: cut flat layer sequences at grid changes when the model would otherwise have fewer
             than 4 blocks (``False``: never).
+        pair_cuts: when the model would otherwise have fewer than 4 blocks, also cut where exactly two
+            tensors cross (``False``: never); such blocks take and/or return a tuple of two tensors.
 
     Returns:
         The :class:`Dissection`.
@@ -534,17 +558,24 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
     is_simple = _is_simple(model)
     starts_run = [bool(n.meta.get("mode_leaf")) and not is_simple(n.target) for n in nodes]
 
-    def analyse(probes: list[Probe]):
+    def analyse(probes: list[Probe], with_pairs: bool = False):
         single = [all(isinstance(p.values[n.name], TensorShape) for p in probes) for n in nodes]
         valid = C.crossing_rules(nodes, [p.values for p in probes], is_tensor,
                                  C.tensor_cuts(nodes, is_tensor, single, recompute), recompute)
+        pairs: dict[int, tuple[int, int]] = {}
+        if with_pairs:
+            all_pairs = {c: pr for c, pr in C.pair_cuts(nodes, is_tensor, single, recompute).items()
+                         if all(nodes[j].op != "placeholder" for j in pr)}  # not while the input is still live
+            pair_valid = C.pair_rules(nodes, [p.values for p in probes], is_tensor, all_pairs, recompute)
+            pairs = {c: all_pairs[c] for c in pair_valid if c not in valid}
+            valid = {**valid, **{c: pair_valid[c] for c in pairs}}
         runs = C.group_runs(sorted(valid), [t and not r for t, r in zip(is_tensor, recompute, strict=True)],
                             starts_run)
         at_boundary = C.container_boundaries(valid, module_path, _is_container(model), _is_simple(model),
                                                lambda path: type(model.get_submodule(path)))
-        return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary), runs, at_boundary)
+        return (valid, *C.run_candidates(runs, _output_producer(nodes), at_boundary), runs, at_boundary, pairs)
 
-    valid, candidates, block_level, runs, at_boundary = analyse(fit)
+    valid, candidates, block_level, runs, at_boundary, pairs = analyse(fit)
     if res is not None and len(block_level) < 4:
         # Some models carry a grid size as a list from block to block (MViTv2's [H, W]): no rule maps it
         # to the token tensor's shape across resolutions, so most cuts look invalid. At the traced
@@ -552,15 +583,19 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         # than not cutting at all.
         fixed = analyse(fit[:2])
         if len(fixed[2]) > len(block_level):
-            valid, candidates, block_level, runs, at_boundary = fixed
+            valid, candidates, block_level, runs, at_boundary, pairs = fixed
             res = None
 
     hw = input_size[1:] if len(input_size) == 3 else (1, 1)
-    hw_res = res.input_shape[2:] if res is not None else None
     prefix_hint = _prefix_hint(model)
     unrolled = _unrolled(model, nodes)
 
-    def spec_of(pos: int) -> TensorSpec:
+    def spec_of(pos: int, res: Probe | None, pairs: dict[int, tuple[int, int]]) -> TensorSpec:
+        if pos in pairs:  # two tensors cross: their tuple, described by the first one's shape
+            a, b = pairs[pos]
+            return TensorSpec("other", 0, shape=base.values[nodes[a].name].shape,
+                              parts=(nodes[a].name, nodes[b].name))
+        hw_res = res.input_shape[2:] if res is not None else None
         name = nodes[pos].name
         shape = base.values[name].shape
         res_value = res.values.get(name) if res is not None else None
@@ -570,7 +605,7 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
                           prefix_hint, raster=raster,
                           batch2_shape=b2_value.shape if isinstance(b2_value, TensorShape) else None)
 
-    specs = {p: spec_of(p) for p in valid}
+    specs = {p: spec_of(p, res, pairs) for p in valid}
     node_macs = [base.flops.get(n.name, 0) // 2 for n in nodes]  # counter FLOPs -> MACs
     cum, total = [], 0
     for m in node_macs:
@@ -579,7 +614,6 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
     cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
     out_pos = _output_producer(nodes)
     out_value = base.values[nodes[out_pos].name] if out_pos is not None else None
-    output_spec = spec_of(out_pos) if isinstance(out_value, TensorShape) else TensorSpec("other", 0)
     input_spec = infer_spec((1, *input_size), None, hw, None) if len(input_size) == 3 else TensorSpec(
         "other", input_size[0], shape=(1, *input_size))
 
@@ -594,6 +628,26 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
             candidates, block_level = C.run_candidates(runs, out_pos, at_boundary | extra)
             block_bounds = sorted(set(block_bounds) | extra)
             cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
+    if pair_cuts and len(block_bounds) < 3:
+        # Two-stream models (CrossViT, TNT, NASNet cells taking the previous two cells' outputs): exactly
+        # two tensors cross between blocks, so there are almost no single-tensor cuts. Cut where two
+        # tensors cross too, when that gives at least 4 blocks (a model that stays below keeps its
+        # single-tensor blocks); at the traced resolution only (constants kept, not resizable) when
+        # that gives more blocks, as for MViTv2 above.
+        best = None
+        for probes, r in [(fit, res), (fit[:2], None)] if res is not None else [(fit[:2], None)]:
+            v, cands, level, _, _, prs = analyse(probes, with_pairs=True)
+            if not prs:
+                continue
+            sp = {p: spec_of(p, r, prs) for p in v}
+            pooled = {p for p, pr in prs.items() if all(len(base.values[nodes[j].name].shape) == 2 for j in pr)}
+            bb = C.prune_block_boundaries([p for p in cands if p in level and p not in pooled], sp, single_layer)
+            if len(bb) >= 3 and len(bb) > len(block_bounds if best is None else best[4]):
+                best = (v, cands, sp, r, bb, prs)
+        if best is not None:
+            valid, candidates, specs, res, block_bounds, pairs = best
+            cut_points = [C.CutPoint(nodes[p].name, p, specs[p], cum[p], p / len(nodes)) for p in candidates]
+    output_spec = spec_of(out_pos, res, {}) if isinstance(out_value, TensorShape) else TensorSpec("other", 0)
     if len(candidates) < 2:
         raise TraceError(f"{name}: only {len(candidates)} cut point(s) where a single tensor crosses; "
                          "cannot be cut into blocks")
@@ -610,7 +664,7 @@ def dissect(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, name
         name=name, input_size=input_size, granularity=granularity, min_macs_fraction=min_macs_fraction,
         graph_module=gm, nodes=nodes, valid_cuts=valid, specs=specs, node_macs=node_macs,
         params=count_params(model), cut_points=cut_points, input_spec=input_spec, output_spec=output_spec,
-        resizable=res is not None,
+        resizable=res is not None, pairs=pairs,
     )
     dissection.set_boundaries([nodes[p].name for p in bounds])
     if verify:

@@ -56,7 +56,33 @@ def pool_tensor(x: torch.Tensor, layout: str, prefix_tokens: int = 0, prefix: st
     return x.reshape(x.shape[0], -1)
 
 
+def pool_parts(batch_of: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+    """Pool a two-tensor cut (a spec with ``parts``: CrossViT's two token streams, TNT's pixel and patch
+    tokens, NASNet's last two cell outputs): each tensor pooled on its own, features concatenated.
+
+    Maps (4-d) by spatial mean (``NCHW``), tokens (3-d) by mean over all tokens, vectors as they are; a
+    tensor whose first dim folds the batch with positions (TNT's ``(B * N, 16, C)`` pixel tokens) is
+    averaged over all its positions, channels last. ``batch_of``: any tensor with the batch size (the
+    model input).
+    """
+    b = batch_of.shape[0]
+    feats = []
+    for x in parts:
+        if x.shape[0] != b:
+            feats.append(x.reshape(b, -1, x.shape[-1]).mean(dim=1))
+        elif x.dim() == 4:
+            feats.append(x.mean(dim=(2, 3)))
+        elif x.dim() == 3:
+            feats.append(x.mean(dim=1))
+        elif x.dim() == 2:
+            feats.append(x)
+        else:
+            feats.append(x.reshape(b, -1) if x.dim() < 2 else x.flatten(2).mean(dim=2))
+    return torch.cat(feats, dim=1)
+
+
 fx.wrap("pool_tensor")
+fx.wrap("pool_parts")
 
 
 def feature_extractor(
@@ -74,7 +100,8 @@ def feature_extractor(
     Args:
         graph_module: a traced model (e.g. ``Dissection.graph_module``).
         nodes: names of cut-point nodes, in any order.
-        specs: the :class:`TensorSpec` of each node (for pooling).
+        specs: the :class:`TensorSpec` of each node (for pooling); a spec with ``parts`` (two tensors
+            cross) pools both with :func:`pool_parts`.
         prefix: treatment of class tokens, see :func:`pool_tensor`.
     """
     if prefix not in PREFIX_MODES:
@@ -85,9 +112,14 @@ def feature_extractor(
     if missing:
         raise KeyError(f"nodes not in the graph: {missing[:5]}")
     output = next(n for n in graph.nodes if n.op == "output")
+    first_input = next(n for n in graph.nodes if n.op == "placeholder")
     pooled = []
     for name, spec in zip(nodes, specs, strict=True):
         src = by_name[name]
+        if spec.parts:  # two tensors cross: pool both (the cut node is the later one)
+            with graph.inserting_after(src):
+                pooled.append(graph.call_function(pool_parts, (first_input, *(by_name[p] for p in spec.parts))))
+            continue
         # pool right after the cut point, so the full-size map can be freed as soon as the graph is done with it
         with graph.inserting_after(src):
             pooled.append(graph.call_function(pool_tensor, (src, spec.layout, spec.prefix_tokens, prefix,

@@ -32,7 +32,11 @@ class TensorSpec:
             their number is known (their order is not).
         stride: input pixels per grid cell (``input_size // H``); ``None`` when there is no grid.
         prefix_tokens: number of class/distillation/register tokens before the patch tokens (``NLC``).
-        shape: the full shape at batch size 1 as traced, e.g. ``(1, 64, 56, 56)``.
+        shape: the full shape at batch size 1 as traced, e.g. ``(1, 64, 56, 56)``. For a two-tensor
+            interface, the first tensor's shape.
+        parts: empty for a single tensor; for a cut where two tensors cross (two-stream models: CrossViT,
+            TNT, NASNet), the graph node names of the two tensors, in graph order: the interface is the
+            tuple of their outputs, its layout ``"other"``.
     """
 
     layout: str
@@ -41,12 +45,18 @@ class TensorSpec:
     stride: int | None = None
     prefix_tokens: int = 0
     shape: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ()
+
+    @property
+    def tensors(self) -> int:
+        """Number of tensors crossing: 1, or 2 for a two-tensor interface (see ``parts``)."""
+        return max(1, len(self.parts))
 
     @property
     def known(self) -> bool:
         """Whether the spec describes its tensor well enough to stitch it: a stitchable layout, a
         shape, and no :meth:`problems`."""
-        return self.layout in STITCH_LAYOUTS and bool(self.shape) and not self.problems()
+        return self.layout in STITCH_LAYOUTS and bool(self.shape) and not self.parts and not self.problems()
 
     def problems(self) -> list[str]:
         """Ways in which the spec contradicts its own ``shape`` (empty when consistent).
@@ -96,6 +106,8 @@ class TensorSpec:
                     out.append(f"other shape {s} holds {math.prod(rest)} positions, grid {self.grid}")
         if self.grid is None and self.stride is not None:
             out.append("a stride without a grid")
+        if self.parts and (len(self.parts) != 2 or self.layout != "other"):
+            out.append(f"a tuple of {len(self.parts)} tensors must have layout 'other' and two parts")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +115,10 @@ class TensorSpec:
         d = asdict(self)
         d["grid"] = list(self.grid) if self.grid is not None else None
         d["shape"] = list(self.shape)
+        if self.parts:
+            d["parts"] = list(self.parts)
+        else:
+            del d["parts"]  # single-tensor specs keep their JSON form
         return d
 
     @classmethod
@@ -115,6 +131,7 @@ class TensorSpec:
             stride=d.get("stride"),
             prefix_tokens=int(d.get("prefix_tokens", 0)),
             shape=tuple(d.get("shape", ())),
+            parts=tuple(d.get("parts", ())),
         )
 
 

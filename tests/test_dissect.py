@@ -306,6 +306,117 @@ def test_flat_stage_rule_leaves_block_models_unchanged(name, kwargs, size):
         assert len(ends) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
 
 
+# --- two-stream models: two tensors cross between blocks (CrossViT, TNT, NASNet) ------------------
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_pair_fallback_not_reached_for_block_models(name):
+    _, d = get(name)  # models with >= 4 blocks (or no pair cut) keep their single-tensor boundaries
+    assert not any(c.spec.parts for c in d.cut_points)
+    assert all(not b.in_spec.parts and not b.out_spec.parts for b in d.block_info)
+
+
+class _Cell(nn.Module):
+    """A NAS-style cell: takes the previous two cells' outputs."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.bn, self.drop = nn.BatchNorm2d(c), nn.Dropout(0.3)
+
+    def forward(self, x, x_prev):
+        return self.drop(self.bn(torch.relu(self.conv_a(x)) + self.conv_b(x_prev)))
+
+
+class _NasToy(nn.Module):
+    def __init__(self, c: int = 8, cells: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.stem_cell = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        for i in range(cells):
+            self.add_module(f"cell_{i}", _Cell(c))
+        self.cells = cells
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        pp = self.stem(x)
+        p = self.stem_cell(pp)
+        for i in range(self.cells):
+            p, pp = getattr(self, f"cell_{i}")(p, pp), p
+        return self.head(torch.relu(p).mean((2, 3)))
+
+
+def _assert_pair_blocks(d, min_blocks: int = 4):
+    assert len(d.blocks) >= min_blocks
+    assert any(b.out_spec.parts for b in d.block_info)
+    for b in d.block_info:
+        for spec in (b.in_spec, b.out_spec):
+            if spec.parts:
+                assert len(spec.parts) == 2 and spec.tensors == 2 and spec.layout == "other"
+                assert not spec.known and not spec.problems()
+                assert type(spec).from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert sum(b.params for b in d.block_info) == d.params
+    assert sum(b.macs for b in d.block_info) == d.macs
+
+
+def test_nas_cells_taking_two_inputs_are_cut_per_cell():
+    torch.manual_seed(0)
+    model = _NasToy().eval()
+    d = dissect(model, (3, 16, 16), name="nas_toy", verify=True)
+    _assert_pair_blocks(d, 5)
+    ends = [b.end for b in d.block_info]
+    # a two-tensor block interface is a tuple (prev, prev_prev), chained by run_blocks unchanged
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        mid = d.blocks[1](d.blocks[0](x))
+    assert isinstance(mid, tuple) and len(mid) == 2
+    assert ends[-1] is None
+    _assert_chain(model, d, batch=2)
+    assert d.resizable  # every crossing shape recomputed from the tensors: other resolutions chain too
+    _assert_chain(model, d, batch=2, size=(3, 24, 32))
+    assert len(dissect(model, (3, 16, 16), name="nas_toy", pair_cuts=False).blocks) < 4  # the fallback cuts it
+    _assert_chain(model, dissect(model, (3, 16, 16), name="nas_toy", granularity="node"), batch=2)
+
+
+def test_nas_cells_in_train_mode():
+    torch.manual_seed(0)
+    model = _NasToy()
+    d = dissect(model.eval(), (3, 16, 16), name="nas_toy")
+    assert len(d.blocks) >= 4
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    for block in d.blocks:
+        block.train()
+
+    def run(fn, seed):
+        torch.manual_seed(seed)
+        return fn(x)
+
+    got = run(d.run_blocks, 1)
+    torch.testing.assert_close(got, run(model, 1))
+    other = run(d.run_blocks, 2)
+    assert not torch.allclose(other, got, atol=1e-4)
+    torch.testing.assert_close(other, run(model, 2))
+    model.eval()
+    for block in d.blocks:
+        block.eval()
+    _assert_chain(model, d, batch=2)
+
+
+@pytest.mark.parametrize(("name", "size"), [("crossvit_tiny_240", (3, 240, 240)), ("tnt_s_patch16_224", (3, 224, 224))])
+def test_two_stream_transformers_are_cut_per_block(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    if name.startswith("crossvit"):  # the two streams only merge at the head: one cut point
+        with pytest.raises(TraceError, match=name) as info:
+            dissect(model, size, name=name, pair_cuts=False)
+        assert "\n" not in str(info.value)
+    else:  # TNT: a single tensor crosses only after the last block
+        assert len(dissect(model, size, name=name, pair_cuts=False).blocks) < 4
+    d = dissect(model, size, name=name, verify=True)
+    _assert_pair_blocks(d, 12)
+    _assert_chain(model, d, batch=2)
+
+
 # --- real architectures (slow) -------------------------------------------------------------------
 
 # (name, minimum number of blocks at granularity="block"); fewer than 4 only with a reason.
@@ -322,6 +433,7 @@ SLOW_MODELS = [
     ("inception_v3", 4), ("xception41", 4), ("dla34", 4), ("cspresnet50", 4), ("dpn68", 4),
     ("ese_vovnet19b_dw", 4), ("hrnet_w18_small", 4),
     ("vit_small_patch16_dinov3", 12),  # RoPE table rebuilt in every block (fixed resolution)
+    ("nasnetalarge", 12), ("pnasnet5large", 12),  # cells take the previous two cells' outputs: two-tensor cuts
 ]
 
 
@@ -335,11 +447,3 @@ def test_real_architecture(name, min_blocks):
     assert sum(b.params for b in d.block_info) >= d.params
     _assert_chain(model, d, batch=3)
     _CACHE.clear()  # real models are large: keep one at a time
-
-
-@pytest.mark.slow
-def test_crossvit_has_too_few_cut_points():
-    # crossvit's two branches only merge at the very end ("stack", "mean"): one run, no cut point
-    model = timm.create_model("crossvit_tiny_240", pretrained=False).eval()
-    with pytest.raises(TraceError, match="crossvit_tiny_240"):
-        dissect(model, (3, 240, 240), name="crossvit_tiny_240")

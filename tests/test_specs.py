@@ -52,6 +52,14 @@ def dissected(arch: str, img: int | None = None, **kwargs):
 def spec_problems(spec: TensorSpec, x: torch.Tensor, hw: tuple[int, int]) -> list[str]:
     """Ways in which ``spec`` misdescribes ``x`` (a batch of 2) for an ``hw`` input; empty when right."""
     out = [f"self-inconsistent: {p}" for p in spec.problems()]
+    if spec.parts:  # two tensors cross (CrossViT, TNT, NASNet): a tuple, described as 'other', never stitched
+        if not isinstance(x, tuple) or len(x) != spec.tensors:
+            out.append(f"two-tensor spec {spec.parts} but the cut carries {type(x).__name__}")
+        elif tuple(x[0].shape[1:]) != tuple(spec.shape[1:]):
+            out.append(f"first tensor {tuple(x[0].shape)} is not the spec's shape {spec.shape} at batch 2")
+        if spec.known:
+            out.append("a two-tensor interface must not be offered for stitching")
+        return out
     s = tuple(x.shape)
     if spec.layout in ("NCHW", "NHWC", "NLC", "NC") and (s[0] != 2 or s[1:] != tuple(spec.shape[1:])):
         out.append(f"tensor {s} is not the spec's shape {spec.shape} at batch 2")
