@@ -7,7 +7,7 @@ Measures, for one :data:`zoo.mini.MINI_ZOO` spec trained on a seeded subset of i
    held-out test split), with the intra-op thread count, the CPU kernels ATen dispatches to
    (``torch.backends.cpu.get_cpu_capability()``), the ``ONEDNN_MAX_CPU_ISA`` cap on oneDNN's
    convolution kernels, ``PYTHONHASHSEED``, loader workers, torch/timm versions, wall and CPU seconds.
-   Same sha = bit-identical weights. The weights are saved to ``OUT/weights/SPEC-TAG.pt``.
+   Same sha = bit-identical weights. The weights are saved to ``OUT/weights/SPEC-TAG.safetensors``.
 2. ``finetune``: those weights given a new 10-class head and fine-tuned on ``digits`` with the
    demo's recipe (:func:`surgery.finetune.finetune_model_dir` as :mod:`surgery.demo` calls it: 6 epochs,
    batch 64, AdamW lr 1e-3, seed 0, 10% of train held out for validation), then the number of
@@ -157,7 +157,7 @@ def _read(out: Path, kind: str) -> list[dict[str, Any]]:
 
 
 def _weights_path(out: Path, spec_name: str, tag: str) -> Path:
-    return out / "weights" / f"{spec_name}-{tag}.pt"
+    return out / "weights" / f"{spec_name}-{tag}.safetensors"
 
 
 def _spec(name: str, seed: int | None):
@@ -176,6 +176,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from surgery.minizoo import _plan, _subset
     from surgery.train import TrainConfig, evaluate, train
     from zoo.data import load_splits, make_loader, make_transform
+    from zoo.entries import save_weights
 
     spec = _spec(args.spec, args.seed)
     tag = args.tag or f"t{args.threads}-s{spec.seed}-n{args.train_samples}"
@@ -208,7 +209,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         digest.update(v.numpy().tobytes())
     path = _weights_path(args.out, spec.name, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    save_weights(model, path)  # safetensors: the weights are data, never unpickled
     row = {"kind": "train", "tag": tag, "spec": spec.name, "n_train": len(train_ds), "seed": spec.seed,
            "workers": args.workers, **_numerics(), "sha": digest.hexdigest()[:12],
            "val": result.history[-1]["val_acc"], "test": test["top1"], "n_test": test["n"],
@@ -226,6 +227,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from surgery.minizoo import _plan
     from surgery.train import TrainConfig, evaluate, train
     from zoo.data import load_splits, make_loader, make_transform
+    from zoo.entries import load_weights
 
     spec = _spec(args.spec, None)
     weights = Path(args.weights)
@@ -237,7 +239,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     tag = args.tag or f"ft-{Path(args.weights).stem}-t{args.threads}-s{seed}"
     norm = _plan(spec, args.out / "weights", False)["norm"]
     model = timm.create_model(spec.arch, pretrained=False, **spec.model_kwargs)
-    model.load_state_dict(torch.load(weights))
+    load_weights(model, weights)  # safetensors (or a .pt read with weights_only=True), never unpickled
     torch.manual_seed(seed)
     model.reset_classifier(10)
     splits = load_splits(FT_TARGET, seed=seed, val_fraction=FT_VAL_FRACTION)
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default=None, help="row name; also names the saved weights")
 
     p = sub.add_parser("finetune", parents=[common], help="fine-tune trained weights on digits (demo recipe)")
-    p.add_argument("--weights", required=True, help="tag of a `train` run (or a .pt state-dict file)")
+    p.add_argument("--weights", required=True, help="tag of a `train` run (or a .safetensors / .pt state-dict file)")
     p.add_argument("--spec", default="regnetx-fm04", help="spec whose architecture the weights are for")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
