@@ -42,7 +42,6 @@ error names the smallest achievable params and MACs instead of a solver status.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -58,6 +57,7 @@ from solvers.chains import (
     amount_text,
     brute_force,
     check_budget,
+    finite_number,
     human_number,
     make_chain,
     min_cost_chain,
@@ -80,13 +80,6 @@ __all__ = [
 
 # Relative tolerance when re-checking a solver's chain against a float budget (latency tables).
 _FLOAT_BUDGET_RTOL = 1e-9
-
-
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- the program
@@ -305,7 +298,7 @@ class AssemblyProgram:
             SolverError: A block without a cost (and no ``default``), mis-shaped ``stitch`` arrays,
                 or a non-finite cost or ``limit`` (the message names the budget and the block).
         """
-        if not _finite(limit):
+        if not finite_number(limit):
             raise SolverError(f"budget {name!r}: limit must be a finite number, got {limit!r}")
         node = []
         for k, s in enumerate(self.stages):
@@ -317,7 +310,7 @@ class AssemblyProgram:
                     cost = default
                 else:
                     raise SolverError(f"budget {name!r}: no cost for block {c.id!r} (stage {k}); pass default=")
-                if not _finite(cost):
+                if not finite_number(cost):
                     raise SolverError(
                         f"budget {name!r}: cost of block {c.id!r} (model {c.model!r}, stage {k}) is {cost!r}: "
                         "costs must be finite"
@@ -548,7 +541,7 @@ class AssemblyProgram:
 
         def check(expr, row: str) -> None:
             for var, coef in expr.items():
-                if not _finite(coef):
+                if not finite_number(coef):
                     spot = where.get(var.name)
                     block = f" (block {spot[1].id!r} of model {spot[1].model!r}, stage {spot[0]})" if spot else ""
                     raise SolverError(f"{row} has coefficient {coef} on {var.name}{block}: coefficients must be finite")

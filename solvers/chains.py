@@ -154,7 +154,8 @@ class Chain:
     budgets: dict[str, float] = field(default_factory=dict, hash=False)
 
 
-def _finite_number(value) -> bool:
+def finite_number(value) -> bool:
+    """Whether ``value`` converts to a finite float (NaN, infinities and non-numbers do not)."""
     try:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
@@ -163,12 +164,12 @@ def _finite_number(value) -> bool:
 
 def check_budget(name: str, value: float | None) -> None:
     """Raise :class:`SolverError` unless the budget ``value`` is None (no budget) or a finite number."""
-    if value is not None and not _finite_number(value):
+    if value is not None and not finite_number(value):
         raise SolverError(f"budget {name} must be a finite number (or None for no budget), got {value!r}")
 
 
 def _check_finite(value, what: str) -> None:
-    if not _finite_number(value):
+    if not finite_number(value):
         raise SolverError(f"{what} is {value!r}: every number entering the solver must be finite")
 
 

@@ -63,12 +63,10 @@ def _one_cpu_thread(device: str) -> Iterator[None]:
     if torch.device(device).type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from surgery.minizoo import pinned_threads
+
+    with pinned_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _ModelFeatures:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import WorkspaceError
+from zoo.files import new_file_mode
 
 WORKSPACE_SCHEMA = "surgery.workspace/1"
 DISSECTION_SCHEMA = "surgery.dissection/1"
@@ -59,28 +60,6 @@ def model_dirname(name: str) -> str:
     """A file-system safe folder name for a model name (``vit_small.augreg`` stays readable)."""
     safe = _SAFE_NAME.sub("_", name).strip("._")
     return safe or "model"
-
-
-def _current_umask() -> int:
-    """The process umask (read from ``/proc`` where it can be, else set-and-restored)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def new_file_mode(path: str | os.PathLike) -> int:
-    """The permission bits a plain ``open(path, "w")`` would leave: an existing file's own, else 0666 & ~umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        return 0o666 & ~_current_umask()
 
 
 @contextmanager

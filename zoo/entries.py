@@ -52,6 +52,7 @@ from pydantic import (
 from torch import nn
 
 from zoo.errors import ZooError
+from zoo.files import new_file_mode
 
 __all__ = [
     "DEFAULT_TIMM_ZOO",
@@ -407,16 +408,6 @@ def load_zoo_file(path: str | Path) -> list[ZooEntry]:
     return entries
 
 
-def _plain_write_mode(path: Path) -> int:
-    """The permission bits ``open(path, "w")`` would leave: an existing file's own, else 0666 & ~umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
 def _atomic_write(path: Path, write: Any) -> None:
     """Calls ``write(tmp_path)`` then renames onto ``path``, so a crash leaves no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -424,7 +415,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, _plain_write_mode(path))  # the mode a plain write gives, not mkstemp's 0600
+        os.chmod(tmp, new_file_mode(path))  # the mode a plain write gives, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
