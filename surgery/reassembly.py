@@ -187,13 +187,14 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
     names = names or list(part["models"])
     images, labels, classes = _target_batches(target, seed, target_samples)
     models, dissections, manifests, cuts = {}, {}, {}, {}
+    split_blocks: dict[str, list[nn.Module] | None] = {}  # headless blocks at the stage cuts, for one forward
     # each model's cut nodes in graph order: the ends of its stage blocks but the last
     bounds = {n: [b["end"] for b in part["models"][n]["stage_blocks"][:-1]] for n in names}
     for n in names:
         _, manifest, model = load_model_entry(ws, n)
         manifests[n] = manifest
         models[n] = model
-        cuts[n], dissections[n] = _headless_cut(model, manifest, n, bounds[n])
+        cuts[n], dissections[n], split_blocks[n] = _headless_cut(model, manifest, n, bounds[n])
         if cuts[n] is None:
             del cuts[n]
     inputs = {n: _transform(manifests[n])(images) for n in names}
@@ -217,7 +218,7 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
         raw = {}
         for n in names:
             if n in cuts:
-                features[n] = _forward_capturing(cuts[n], n, bounds[n], inputs[n], activations)
+                features[n] = _forward_capturing(split_blocks[n], n, bounds[n], inputs[n], activations)
             else:
                 with torch.inference_mode():
                     features[n] = headless(models[n])(inputs[n])
@@ -232,8 +233,10 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
                    activations)
 
 
-def _headless_cut(model: nn.Module, manifest: dict[str, Any], name: str, nodes: list[str]) -> tuple[Any, Any]:
-    """(dissection of the headless copy or ``None``, a dissection that cuts at ``nodes``), one trace each.
+def _headless_cut(model: nn.Module, manifest: dict[str, Any], name: str, nodes: list[str]
+                  ) -> tuple[Any, Any, list[nn.Module] | None]:
+    """(dissection of the headless copy or ``None``, a dissection that cuts at ``nodes``, the headless copy's
+    blocks cut at ``nodes`` or ``None``), one trace each.
 
     The headless copy (classifier removed, output = pre-logits features) is what the last block of a
     chain is cut from; its graph before the classifier is the model's own, so the same dissection cuts
@@ -246,14 +249,14 @@ def _headless_cut(model: nn.Module, manifest: dict[str, Any], name: str, nodes: 
     size, granularity = tuple(manifest["settings"]["input_size"]), manifest["settings"]["granularity"]
     d = dissect(headless(model), size, name=name, granularity=granularity)
     try:
-        d.split(nodes)
+        blocks = d.split(nodes)
     except SurgeryError:
-        return None, dissect(model, size, name=name, granularity=granularity)
-    return d, d
+        return None, dissect(model, size, name=name, granularity=granularity), None
+    return d, d, blocks
 
 
 @torch.inference_mode()
-def _forward_capturing(d, name: str, nodes: list[str], x: torch.Tensor,
+def _forward_capturing(blocks: list[nn.Module], name: str, nodes: list[str], x: torch.Tensor,
                        activations: dict[tuple[str, str | None], torch.Tensor]) -> torch.Tensor:
     """Run a headless dissection's blocks cut at ``nodes`` (graph order) on ``x``: the pre-logits features.
 
@@ -261,7 +264,6 @@ def _forward_capturing(d, name: str, nodes: list[str], x: torch.Tensor,
     :data:`ACTIVATION_CACHE_BYTES`. The chained blocks run the traced graph, the same operations as the
     model, so features and activations equal what ``headless(model)(x)`` and a prefix block give.
     """
-    blocks = d.split(nodes)
     for node, block in zip([*nodes, None], blocks, strict=True):
         x = block(x)
         if node is not None:
