@@ -282,7 +282,7 @@ def baseline(
     """
     from surgery.count import count_macs, count_params
     from surgery.library import load_model_entry
-    from surgery.reassembly import Ranked, _target_batches, _transform, build_chain, save_ranked
+    from surgery.reassembly import Ranked, _headless_cut, _target_batches, _transform, build_chain, save_ranked
 
     ws = Workspace(workdir).require()
     names = ws.model_names()
@@ -323,7 +323,11 @@ def baseline(
 
     top, net, x = best
     plans = _single_plans(ws, top.model, manifests[top.model], part)
-    built = build_chain({top.model: net}, {}, plans, {top.model: x}, labels, num_classes)
+    # one trace of the leader's headless copy cuts all its stage blocks (build_chain would otherwise
+    # dissect the model again for every stage); None when that graph lacks a cut node: the plain way
+    headless_d, _, _ = _headless_cut(net, manifests[top.model], top.model, [p.end for p in plans[:-1]])
+    built = build_chain({top.model: net}, {}, plans, {top.model: x}, labels, num_classes,
+                        cuts={top.model: headless_d} if headless_d is not None else None)
     size = manifests[top.model]["settings"]["input_size"]
     ranked = Ranked(None, plans, count_params(built), count_macs(built, torch.zeros(1, *size)), float(top.proxy),
                     0.0, built)
