@@ -9,7 +9,7 @@ Measures, for one :data:`zoo.mini.MINI_ZOO` spec trained on a seeded subset of i
    convolution kernels, ``PYTHONHASHSEED``, loader workers, torch/timm versions, wall and CPU seconds.
    Same sha = bit-identical weights. The weights are saved to ``OUT/weights/SPEC-TAG.safetensors``.
 2. ``finetune``: those weights given a new 10-class head and fine-tuned on ``digits`` with the
-   demo's recipe (:func:`surgery.finetune.finetune_model_dir` as :mod:`surgery.demo` calls it: 6 epochs,
+   demo's recipe (:func:`surgery.training.finetune.finetune_model_dir` as :mod:`surgery.demo` calls it: 6 epochs,
    batch 64, AdamW lr 1e-3, seed 0, 10% of train held out for validation), then the number of
    correctly classified test images (359 in the digits test split). This is what a different
    sha costs downstream: does the demo's headline number move?
@@ -26,8 +26,8 @@ What the train step does is exactly what the throwaway script of the original in
 ``zoo.data.load_splits(spec.data, seed=spec.seed)``, ``surgery.minizoo._subset`` of the train split
 (``--train-samples``) and of val (1,000), ``make_transform`` with the spec's mean/std/interpolation,
 a shuffled loader seeded by the spec seed with ``drop_last=True``, ``torch.manual_seed(seed)`` then
-``timm.create_model`` and a zeroed head, ``surgery.train.train`` with ``spec.train_config(epochs=1)``
-and ``surgery.train.evaluate`` on the test split. It differs from ``surgery.minizoo.build_mini_zoo``
+``timm.create_model`` and a zeroed head, ``surgery.training.train`` with ``spec.train_config(epochs=1)``
+and ``surgery.training.evaluate`` on the test split. It differs from ``surgery.minizoo.build_mini_zoo``
 in the val subset (1,000 vs 2,000 images; val only reports, it does not steer training) and in not
 pinning threads (``--threads`` sets them). ``--seed`` replaces the spec's seed everywhere it is used.
 
@@ -174,7 +174,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     import timm
 
     from surgery.minizoo import _plan, _subset
-    from surgery.train import TrainConfig, evaluate, train
+    from surgery.training.loop import TrainConfig, evaluate, train
     from zoo.data import load_splits, make_loader, make_transform
     from zoo.entries import save_weights
 
@@ -225,7 +225,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     import timm
 
     from surgery.minizoo import _plan
-    from surgery.train import TrainConfig, evaluate, train
+    from surgery.training.loop import TrainConfig, evaluate, train
     from zoo.data import load_splits, make_loader, make_transform
     from zoo.entries import load_weights
 
@@ -243,7 +243,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     model.reset_classifier(10)
     splits = load_splits(FT_TARGET, seed=seed, val_fraction=FT_VAL_FRACTION)
-    tf = make_transform((3, 32, 32), norm["mean"], norm["std"])  # as surgery.finetune: the default resize
+    tf = make_transform((3, 32, 32), norm["mean"], norm["std"])  # as surgery.training.finetune: the default resize
     train_loader = make_loader(splits["train"], FT_BATCH, shuffle=True, seed=seed, transform=tf)
     val_loader = make_loader(splits["val"], FT_BATCH, transform=tf)
     test_loader = make_loader(splits["test"], FT_BATCH, transform=tf)

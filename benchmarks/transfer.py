@@ -16,7 +16,7 @@ Measures held-out test top-1 on a target no zoo model was trained on (``digits``
    into the same K stages (same balance limit), written as ``partition.json`` of a copy of the
    workspace, and the reassembly run on it.
 
-All of them are fine-tuned with one recipe (:func:`surgery.finetune.finetune_model_dir`: AdamW,
+All of them are fine-tuned with one recipe (:func:`surgery.training.finetune.finetune_model_dir`: AdamW,
 batch 64, lr 1e-3, 1 warm-up epoch, cosine, label smoothing 0.1, ``--epochs`` epochs) on the same
 train/val/test split of each seed. Seeds vary the train/val split (the test split is fixed), the
 target images the stitches/heads are fitted on, the random draws and the fine-tuning. The workspace
@@ -305,7 +305,7 @@ def _finetune_job(folder: str, seed: int, epochs: int, threads: int, target: str
     """One fine-tuning, in a worker process (module level so that it pickles; spawned workers do not
     see ``--target``'s change of the module global, hence the argument)."""
     torch.set_num_threads(threads)
-    from surgery.finetune import finetune_model_dir
+    from surgery.training.finetune import finetune_model_dir
 
     t0 = time.perf_counter()
     ft = finetune_model_dir(folder, target, epochs=epochs, seed=seed, quiet=True)
@@ -421,8 +421,8 @@ def run_seed(seed: int, ws, part, budgets: list[float], args, runner: Runner, ra
              first_seed: bool) -> dict[str, Any]:
     from surgery.assembled import rebuild, save
     from surgery.count import count_macs, count_params
-    from surgery.finetune import read_recipe
     from surgery.reassembly import Ranked, build_chain, load_sources, reassemble, save_ranked
+    from surgery.training.finetune import read_recipe
 
     out = runner.run_dir / f"seed{seed}"
     rows: list[dict[str, Any]] = []  # one per (method, budget)

@@ -38,9 +38,9 @@ _LAZY = {
     "baseline": ("surgery.baseline", "baseline"),
     "load": ("surgery.assembled", "load"),
     "ReassembledModel": ("surgery.assembled", "ReassembledModel"),
-    "train": ("surgery.train", "train"),
-    "evaluate": ("surgery.train", "evaluate"),
-    "TrainConfig": ("surgery.train", "TrainConfig"),
+    "train": ("surgery.training.loop", "train"),
+    "evaluate": ("surgery.training.loop", "evaluate"),
+    "TrainConfig": ("surgery.training.loop", "TrainConfig"),
 }
 
 __all__ = sorted(_LAZY)

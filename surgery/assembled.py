@@ -32,7 +32,7 @@ from surgery.workspace import load_tensors, read_manifest, save_tensors, write_j
 from zoo.entries import ZooEntry, build_model
 
 RECIPE_SCHEMA = "surgery.reassembled/1"
-ROLE_ATTR = "_surgery_role"  # read by surgery.train for freeze="blocks"
+ROLE_ATTR = "_surgery_role"  # read by surgery.training for freeze="blocks"
 
 
 @dataclass

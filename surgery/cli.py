@@ -438,7 +438,7 @@ def finetune(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Fine-tune a reassembled model on target data; the weights in MODEL_DIR are replaced when done."""
-    from surgery.finetune import finetune_model_dir
+    from surgery.training.finetune import finetune_model_dir
 
     if freeze not in ("none", "blocks"):
         fail(f"--freeze must be none or blocks (got {freeze!r})")
@@ -463,7 +463,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Top-1, loss, params, GFLOPs and images/s of a saved model."""
-    from surgery.finetune import evaluate_model_dir
+    from surgery.training.finetune import evaluate_model_dir
 
     if split not in ("test", "val", "train"):
         fail(f"--split must be test, val or train (got {split!r})")

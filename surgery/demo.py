@@ -76,11 +76,11 @@ def run_demo(out: Path, *, quick: bool = False, as_json: bool = False, console: 
 def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None, epochs: int | None, stages: int,
               seed: int, threads: int) -> dict[str, Any]:
     from surgery.equivalence import run_partition
-    from surgery.finetune import evaluate_model_dir, finetune_model_dir
     from surgery.library import dissect_zoo
     from surgery.minizoo import CARDS_FILE, build_mini_zoo, numerics
     from surgery.reassembly import reassemble, single_model
     from surgery.similarity import compute_similarity
+    from surgery.training.finetune import evaluate_model_dir, finetune_model_dir
     from surgery.workspace import Workspace
     from zoo.data import load_split
     from zoo.entries import resolve_zoo

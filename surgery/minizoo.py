@@ -1,7 +1,7 @@
 """Build the pretrained mini-zoo: train :data:`zoo.mini.MINI_ZOO` on CPU in minutes and register it.
 
 No model hub is reachable here, so the toolkit's own trained weights come from this module. Each
-spec is trained with :func:`surgery.train.train` on its Fashion-MNIST source task, evaluated on the
+spec is trained with :func:`surgery.training.train` on its Fashion-MNIST source task, evaluated on the
 task's held-out test split, and saved as safetensors next to a zoo YAML file whose entries rebuild
 every model through :func:`zoo.entries.build_model` alone. The folder holds::
 
@@ -45,7 +45,7 @@ import torch
 
 from surgery.count import count_macs, count_params
 from surgery.errors import SurgeryError
-from surgery.train import TrainConfig, evaluate, train
+from surgery.training.loop import TrainConfig, evaluate, train
 from surgery.workspace import atomic_path
 from zoo.data import ImageDataset, load_splits, make_loader, make_transform
 from zoo.entries import ZooEntry, build_model, data_config, save_weights, save_zoo_file

@@ -27,7 +27,7 @@ def _costs(ws_path) -> dict[str, tuple[int, int]]:
 
 
 def test_baseline_ranks_every_model_and_writes_the_best(tiny_workspace, tmp_path):
-    from surgery.finetune import evaluate_model_dir
+    from surgery.training.finetune import evaluate_model_dir
 
     out = tmp_path / "single"
     res = run_cli("baseline", str(tiny_workspace), "--data", "digits", "--out", str(out), "--json").json()

@@ -219,11 +219,11 @@ def test_help_shows_ranges_and_defaults():
 
 def test_config_validation_error_is_one_line(monkeypatch, capsys):
     """A pydantic ValidationError of a config (here: from deep inside finetune) is one line naming the field."""
-    import surgery.finetune
+    import surgery.training.finetune
     from surgery.cli import main
-    from surgery.train import TrainConfig
+    from surgery.training.loop import TrainConfig
 
-    monkeypatch.setattr(surgery.finetune, "finetune_model_dir", lambda *a, **k: TrainConfig(weight_decay=-1))
+    monkeypatch.setattr(surgery.training.finetune, "finetune_model_dir", lambda *a, **k: TrainConfig(weight_decay=-1))
     with pytest.raises(SystemExit) as info:
         main(["finetune", "m1", "--data", "digits"])
     assert info.value.code == 2

@@ -1,7 +1,7 @@
 """Every public name of ``surgery`` works whatever was imported before it.
 
-Lazy public names share some names with submodules (``surgery.cka`` the function and ``surgery/cka.py``;
-``surgery.train`` and ``surgery/train.py``); importing the submodule must not shadow the public name.
+Lazy public names share some names with submodules (``surgery.cka`` the function and ``surgery/cka.py``);
+importing the submodule must not shadow the public name.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_every_public_name_after_importing_every_submodule():
     assert callable(surgery.cka) and callable(surgery.train)
 
 
-@pytest.mark.parametrize("first", ["import surgery.cka", "import surgery.train", "import surgery.reassembly",
+@pytest.mark.parametrize("first", ["import surgery.cka", "import surgery.training", "import surgery.reassembly",
                                    "import surgery; surgery.StreamingCKA", "import surgery; surgery.evaluate"])
 def test_cka_and_train_after_a_colliding_import(first):
     """Fresh interpreter per case: the collision depends on what the process imported first."""

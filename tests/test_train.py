@@ -1,4 +1,4 @@
-"""Tests of surgery.train on tiny CPU models and an easy synthetic 4-class image task."""
+"""Tests of surgery.training (the loop) on tiny CPU models and an easy synthetic 4-class image task."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from surgery.errors import SurgeryError
-from surgery.train import (
+from surgery.training.loop import (
     EPOCH_KEYS,
     ROLE_ATTR,
     STEP_KEYS,
@@ -297,7 +297,7 @@ def test_bad_input_raises_surgery_error(tmp_path):
 def test_finetune_and_evaluate_refuse_data_with_other_classes():
     """A digits model must not be fine-tuned or evaluated on another 10-class set (names differ)."""
     from surgery.errors import SurgeryError
-    from surgery.finetune import check_classes
+    from surgery.training.finetune import check_classes
 
     recipe = {"num_classes": 10, "classes": [str(i) for i in range(10)], "target": "digits"}
     check_classes(recipe, "digits:per_class=20", [str(i) for i in range(10)])  # same classes: fine

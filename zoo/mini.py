@@ -106,7 +106,7 @@ class MiniSpec:
         return int(self.model_kwargs["num_classes"])
 
     def train_config(self, **overrides: Any) -> dict[str, Any]:
-        """Fields of ``surgery.train.TrainConfig`` for this recipe (a plain dict: zoo never imports surgery)."""
+        """Fields of ``surgery.training.TrainConfig`` for this recipe (a plain dict: zoo never imports surgery)."""
         config = {
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
             "warmup_epochs": self.warmup_epochs, "label_smoothing": self.label_smoothing, "seed": self.seed,

@@ -65,7 +65,8 @@ from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from surgery.checkpoint import (
+from surgery.errors import SurgeryError
+from surgery.training.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     find_checkpoint,
@@ -73,9 +74,8 @@ from surgery.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from surgery.errors import SurgeryError
-from surgery.schedule import build_scheduler, cosine_lr, make_ema
-from surgery.train_report import TrainReporter, append_jsonl, truncate_metrics
+from surgery.training.report import TrainReporter, append_jsonl, truncate_metrics
+from surgery.training.schedule import build_scheduler, cosine_lr, make_ema
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "evaluate", "select_trainable", "cosine_lr", "build_scheduler",

@@ -2,7 +2,7 @@
 
 Both read the model's recipe (``config.json``) for its input size and normalisation, so the target
 data is presented exactly as the model's first block expects it. Fine-tuning goes through the one
-training loop (:func:`surgery.train.train`); checkpoints live in ``MODEL_DIR/finetune/`` (``--resume``
+training loop (:func:`surgery.training.train`); checkpoints live in ``MODEL_DIR/finetune/`` (``--resume``
 continues from there), and the fine-tuned weights replace ``model.safetensors`` atomically only
 when training completes, so an interrupted run never damages the saved model.
 """
@@ -18,7 +18,7 @@ import torch
 
 from surgery.assembled import load, read_recipe
 from surgery.count import count_macs, count_params
-from surgery.train import TrainConfig, evaluate, train
+from surgery.training.loop import TrainConfig, evaluate, train
 from surgery.workspace import read_json, save_tensors, write_json
 
 
@@ -65,11 +65,11 @@ def finetune_model_dir(model_dir: str | Path, data: str, *, epochs: int = 5, bat
     Args:
         model_dir: folder written by ``surgery reassemble``.
         data: target data source (its classes must match the model's head).
-        epochs, batch_size, lr, seed: training recipe (see :class:`surgery.train.TrainConfig`).
+        epochs, batch_size, lr, seed: training recipe (see :class:`surgery.training.TrainConfig`).
         freeze: ``"none"`` (DeRy FT) or ``"blocks"`` (DeRy FZ: only stitches and head train).
         resume: continue an interrupted fine-tuning from ``MODEL_DIR/finetune``.
         quiet: no progress output.
-        **config: other :class:`~surgery.train.TrainConfig` fields.
+        **config: other :class:`~surgery.training.TrainConfig` fields.
 
     Returns:
         A summary: history, best and last validation accuracy, held-out test accuracy.

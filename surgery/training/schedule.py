@@ -1,4 +1,4 @@
-"""Learning-rate schedule and weight EMA of :func:`surgery.train.train`.
+"""Learning-rate schedule and weight EMA of :func:`surgery.training.train`.
 
 Provenance (ideas, not code): timm's per-step cosine schedule with linear warm-up down to ``min_lr``,
 and its ``ModelEmaV3`` (used when timm has it; :class:`SimpleEma` has the same update rule).
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from surgery.train import TrainConfig
+    from surgery.training.loop import TrainConfig
 
 __all__ = ["cosine_lr", "warmup_steps_for", "build_scheduler", "SimpleEma", "make_ema"]
 
