@@ -307,3 +307,56 @@ def test_finetune_and_evaluate_refuse_data_with_other_classes():
                                                 "Shirt", "Sneaker", "Bag", "Ankle boot"])
     with pytest.raises(SurgeryError, match="has 5 classes"):
         check_classes(recipe, "digits:classes=0-4", [str(i) for i in range(5)])
+
+
+# ---------------------------------------------------------------------------- forward-and-loss tasks
+
+
+def test_default_task_is_the_explicit_classification_task():
+    from surgery.training.loop import classification_task
+
+    a, b = conv_net(), conv_net()
+    ra = train(a, make_data(), make_data(64, seed=1), cfg(), quiet=True)
+    rb = train(b, make_data(), make_data(64, seed=1), cfg(), quiet=True, task=classification_task(0.1))
+    assert ra.history[-1]["train_loss"] == rb.history[-1]["train_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_task_with_a_frozen_teacher_and_extra_terms(tmp_path):
+    """m2mKD-style distillation as a task: 0.5 CE + 0.5 KL to a frozen teacher; both terms logged."""
+    teacher = conv_net(seed=5).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher_before = snapshot(teacher)
+
+    class Distill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+
+        def forward(self, model, x, y):
+            logits = model(x)
+            with torch.no_grad():
+                target = self.teacher(x).log_softmax(-1)
+            ce = nn.functional.cross_entropy(logits, y)
+            kl = nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+            return {"loss": 0.5 * ce + 0.5 * kl, "output": logits, "ce": ce, "kl": kl}
+
+    student = conv_net()
+    result = train(student, make_data(), make_data(64, seed=1), cfg(), out_dir=tmp_path, task=Distill(), quiet=True)
+    last = result.history[-1]
+    assert {"train_ce", "train_kl"} <= set(last) and last["train_kl"] >= 0
+    assert last["train_loss"] == pytest.approx(0.5 * last["train_ce"] + 0.5 * last["train_kl"], rel=1e-5)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["train_kl"] == last["train_kl"]
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    # a task without a loss is refused in one line
+    with pytest.raises(SurgeryError, match="must return a dict with a tensor 'loss'"):
+        train(conv_net(), make_data(), None, cfg(epochs=1), task=lambda m, x, y: {"output": m(x)}, quiet=True)
+
+
+def test_a_task_without_logits_trains_and_reports_no_accuracy():
+    model = conv_net()
+    result = train(model, make_data(), None, cfg(epochs=1),
+                   task=lambda m, x, y: {"loss": nn.functional.cross_entropy(m(x), y)}, quiet=True)
+    assert result.history[-1]["train_acc"] is None and math.isfinite(result.history[-1]["train_loss"])

@@ -13,6 +13,15 @@ Provenance (ideas, not code):
   ``freeze="blocks"`` and ``freeze="none"`` here. Deep Incubation (Ni et al., ICCV 2023) trains one
   module inside a frozen meta model: pass that module's parameters as ``trainable``.
 
+What a step computes is a *task*: a callable ``task(model, inputs, targets) -> dict`` with ``"loss"`` (a
+scalar tensor to minimise), ``"output"`` (the logits ``(N, classes)``, for the running accuracy) and any
+other scalar tensors, logged as ``train_<name>`` epoch means (timm's ``TrainingTask`` interface, in
+which the loss and forward live together). The default, :func:`classification_task`, is
+label-smoothing cross-entropy on ``model(inputs)``. A hybrid with frozen parts is just a model with a
+``trainable=`` selection; a teacher, a distillation term or an ensemble's agreement loss is a task, and
+all of them train in this one loop. An ``nn.Module`` task is moved to the training device; the model
+owns every trained parameter and the checkpoint.
+
 Which parameters train, in order of precedence:
 
 1. ``trainable`` given to :func:`train`: a list of parameters or a callable ``model -> params``.
@@ -78,7 +87,8 @@ from surgery.training.report import TrainReporter, append_jsonl, truncate_metric
 from surgery.training.schedule import build_scheduler, cosine_lr, make_ema
 
 __all__ = [
-    "TrainConfig", "TrainResult", "train", "evaluate", "select_trainable", "cosine_lr", "build_scheduler",
+    "TrainConfig", "TrainResult", "Task", "train", "evaluate", "classification_task", "select_trainable", "cosine_lr",
+    "build_scheduler",
     "ROLE_ATTR", "ROLES", "EPOCH_KEYS", "STEP_KEYS", "CHECKPOINT_DIR",
 ]
 
@@ -91,6 +101,27 @@ EPOCH_KEYS = (
 STEP_KEYS = ("type", "epoch", "step", "loss", "acc", "lr", "images_per_s")
 # Config fields that may change between a run and its resumption without a warning.
 _RESUME_FREE_FIELDS = {"log_every", "device", "num_workers"}
+
+# task(model, inputs, targets) -> {"loss": scalar, "output": logits (N, classes), other scalar terms}
+Task = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def classification_task(label_smoothing: float = 0.0) -> Task:
+    """The default task: ``{"loss": cross_entropy(model(x), y), "output": model(x)}``.
+
+    Args:
+        label_smoothing: of the cross-entropy, in ``[0, 1)``.
+
+    Returns:
+        A :data:`Task`; the loss is computed in float32 whatever the autocast dtype of the logits.
+    """
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def task(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = model(x)
+        return {"loss": criterion(logits.float(), y), "output": logits}
+
+    return task
 
 
 class TrainConfig(BaseModel):
@@ -412,6 +443,7 @@ def train(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     trainable: Callable[[nn.Module], Iterable[nn.Parameter]] | Iterable[nn.Parameter] | None = None,
+    task: Task | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Train a classifier in place with AdamW, warm-up + cosine, label smoothing, optional EMA and AMP.
@@ -427,6 +459,8 @@ def train(
         resume: continue from the last complete checkpoint in ``out_dir``. Given the same model
             architecture, data and config, the result equals an uninterrupted run.
         trainable: override of which parameters train (see the module docstring).
+        task: ``task(model, x, y) -> {"loss", "output", terms...}``; default
+            :func:`classification_task` with ``config.label_smoothing`` (see the module docstring).
         quiet: print nothing.
 
     Returns:
@@ -478,7 +512,10 @@ def train(
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     ema = make_ema(model, config) if config.ema else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    if task is None:
+        task = classification_task(config.label_smoothing)
+    elif isinstance(task, nn.Module):
+        task.to(device)
 
     history: list[dict[str, Any]] = []
     start_epoch, global_step = 0, 0
@@ -528,13 +565,16 @@ def train(
             # Running sums stay on the device; reading them only at log points avoids a sync per step.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
+            term_sums: dict[str, torch.Tensor] = {}
+            seen, scored = 0, 0  # scored: samples whose task returned logits
             start = time.perf_counter()
             for i, batch in enumerate(train_loader):
                 x, y = _batch_to(batch, device, channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(x)
-                loss = criterion(logits.float(), y)
+                    result = task(model, x, y)
+                if not isinstance(result, dict) or not isinstance(result.get("loss"), torch.Tensor):
+                    raise SurgeryError("a training task must return a dict with a tensor 'loss' (and 'output' logits)")
+                loss, logits = result["loss"].float(), result.get("output")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip is not None:
@@ -549,12 +589,17 @@ def train(
                 n = y.shape[0]
                 seen += n
                 loss_sum += loss.detach() * n
-                correct += (logits.detach().argmax(-1) == y).sum()
+                if logits is not None:
+                    correct += (logits.detach().argmax(-1) == y).sum()
+                    scored += n
+                for name, value in result.items():
+                    if name not in ("loss", "output") and isinstance(value, torch.Tensor) and value.numel() == 1:
+                        term_sums[name] = term_sums.get(name, 0) + value.detach().float().reshape(()) * n
                 step_metrics = None
                 if config.log_every and (i + 1) % config.log_every == 0:
                     step_metrics = {
                         "type": "step", "epoch": epoch + 1, "step": global_step, "loss": loss_sum.item() / seen,
-                        "acc": correct.item() / seen, "lr": scheduler.get_last_lr()[0],
+                        "acc": correct.item() / scored if scored else None, "lr": scheduler.get_last_lr()[0],
                         "images_per_s": seen / max(time.perf_counter() - start, 1e-9),
                     }
                     append_jsonl(metrics_path, step_metrics)
@@ -567,9 +612,10 @@ def train(
                 raise SurgeryError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr")
             record: dict[str, Any] = {
                 "type": "epoch", "epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
-                "train_acc": correct.item() / max(seen, 1), "val_loss": None, "val_acc": None,
+                "train_acc": correct.item() / scored if scored else None, "val_loss": None, "val_acc": None,
                 "ema_val_loss": None, "ema_val_acc": None, "lr": scheduler.get_last_lr()[0],
                 "images_per_s": seen / elapsed, "epoch_time_s": 0.0,
+                **{f"train_{name}": total.item() / max(seen, 1) for name, total in term_sums.items()},
             }
             if val_loader is not None:
                 ev = evaluate(model, val_loader, amp=use_amp, channels_last=channels_last)

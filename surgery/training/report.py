@@ -43,19 +43,22 @@ class TrainReporter:
 
     def step(self, epoch: int, step_in_epoch: int, metrics: dict[str, Any] | None) -> None:
         if self.progress is not None:
-            text = (f"loss {metrics['loss']:.4f} acc {metrics['acc']:.3f} {metrics['images_per_s']:.0f} img/s"
+            text = (f"loss {metrics['loss']:.4f}{_acc(metrics['acc'], 3)} {metrics['images_per_s']:.0f} img/s"
                     if metrics else None)
             self.progress.update(self.task, advance=1, **({"metrics": text} if text else {}))
         elif self.mode == "plain" and metrics:
-            print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps} loss {metrics['loss']:.4f} "
-                  f"acc {metrics['acc']:.4f} lr {metrics['lr']:.3e} {metrics['images_per_s']:.1f} img/s",
+            print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps} loss {metrics['loss']:.4f}"
+                  f"{_acc(metrics['acc'], 4)} lr {metrics['lr']:.3e} {metrics['images_per_s']:.1f} img/s",
                   flush=True)
 
     def end_epoch(self, rec: dict[str, Any]) -> None:
         if self.mode == "quiet":
             return
-        parts = [f"epoch {rec['epoch']}/{self.epochs}", f"train_loss {rec['train_loss']:.4f}",
-                 f"train_acc {rec['train_acc']:.4f}"]
+        parts = [f"epoch {rec['epoch']}/{self.epochs}", f"train_loss {rec['train_loss']:.4f}"]
+        if rec["train_acc"] is not None:
+            parts.append(f"train_acc {rec['train_acc']:.4f}")
+        # a task's extra loss terms (train_<name>), in the order it returned them
+        parts += [f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("train_") and k not in _FIXED]
         for key in ("val_loss", "val_acc", "ema_val_loss", "ema_val_acc"):
             if rec[key] is not None:
                 parts.append(f"{key} {rec[key]:.4f}")
@@ -69,6 +72,13 @@ class TrainReporter:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+_FIXED = {"train_loss", "train_acc"}
+
+
+def _acc(value: float | None, digits: int) -> str:
+    return "" if value is None else f" acc {value:.{digits}f}"
 
 
 def append_jsonl(path: Path | None, record: dict[str, Any]) -> None:
