@@ -12,6 +12,7 @@ Public API (imported lazily, so ``import surgery`` stays cheap)::
     surgery.reassemble(workdir, max_gflops=..., data=...)  # -> ranked candidates and the built model
     surgery.load(model_dir)                            # a saved reassembled model, no unpickling
     surgery.train(model, loader, val_loader, config)   # the one training loop
+    surgery.incubate("vit_tiny_patch16_224", "fashion-mnist", out="run")  # Deep Incubation, resumable
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _LAZY = {
     "train": ("surgery.training.loop", "train"),
     "evaluate": ("surgery.training.loop", "evaluate"),
     "TrainConfig": ("surgery.training.loop", "TrainConfig"),
+    "incubate": ("surgery.training.incubation_run", "incubate"),
 }
 
 __all__ = sorted(_LAZY)

@@ -170,8 +170,15 @@ def read_recipe(model_dir: str | os.PathLike) -> dict[str, Any]:
                          missing=f"no reassembled model in {model_dir} (config.json missing)")
 
 
-def rebuild(recipe: dict[str, Any]) -> ReassembledModel:
-    """The architecture of a recipe with random weights (load the weights afterwards)."""
+def rebuild(recipe: dict[str, Any]) -> nn.Module:
+    """The architecture of a recipe with random weights (load the weights afterwards).
+
+    A recipe of ``kind: "model"`` (``surgery incubate``'s result) is one whole timm model: its entry's
+    architecture is built as is. Any other recipe is a reassembled chain.
+    """
+    if recipe.get("kind") == "model":
+        entry = ZooEntry.model_validate(recipe["entry"])
+        return build_model(entry.model_copy(update={"weights": None, "pretrained_tag": None, "random_init": True}))
     stages = [StagePlan.from_dict(s) for s in recipe["stages"]]
     models: dict[str, nn.Module] = {}
     for plan in stages:
@@ -189,14 +196,15 @@ def rebuild(recipe: dict[str, Any]) -> ReassembledModel:
     return ReassembledModel(parts, roles, head)
 
 
-def load(model_dir: str | os.PathLike) -> ReassembledModel:
-    """Load a reassembled model saved by ``surgery reassemble`` (no unpickling, no zoo checkpoints).
+def load(model_dir: str | os.PathLike) -> nn.Module:
+    """Load a model folder (``surgery reassemble``, ``baseline`` or ``incubate``): no unpickling, no zoo checkpoints.
 
     Args:
         model_dir: the folder holding ``config.json`` and ``model.safetensors``.
 
     Returns:
-        The model in eval mode, with ``model.recipe`` attached.
+        The model in eval mode, with ``model.recipe`` attached: a :class:`ReassembledModel`, or for a
+        ``kind: "model"`` recipe the timm model itself.
     """
     recipe = read_recipe(model_dir)
     model = rebuild(recipe)

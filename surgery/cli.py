@@ -479,6 +479,82 @@ def evaluate(
     console.print(table)
 
 
+@app.command(epilog="Example: surgery incubate vit_tiny_patch16_224 --data fashion-mnist --input-size 32 "
+             "--modules 4 --epochs 3,1,1 --jobs 2 --out incubated")
+def incubate(
+    model: Annotated[str, typer.Argument(help="timm architecture (random init), or an entry name of --zoo.")],
+    data: Annotated[str, typer.Option(help="Target data (digits, fashion-mnist, a folder, ...).")],
+    out: Annotated[Path, typer.Option(help="Run folder; also the result's model folder. Rerun to resume.")],
+    modules: Annotated[int, typer.Option(min=1, help="K: modules trained independently.")] = 4,
+    epochs: Annotated[str, typer.Option(help="PT,MT,FT epochs: meta pre-training, each module, fine-tuning.")
+                      ] = "3,1,1",
+    jobs: Annotated[int, typer.Option(min=1, help="MT jobs run as this many parallel processes.")] = 1,
+    zoo: Annotated[Path | None, typer.Option(help="Zoo YAML file in which MODEL names an entry.")] = None,
+    model_kwargs: Annotated[str | None, typer.Option(help="JSON timm.create_model kwargs, e.g. '{\"depth\": 12}'.")
+                            ] = None,
+    meta: Annotated[str, typer.Option(help="auto (reduced from the target), a timm name or an entry of --zoo.")
+                    ] = "auto",
+    meta_kwargs: Annotated[str | None, typer.Option(
+        help="JSON kwargs of a shallow meta of the target's architecture, e.g. '{\"depth\": 4}'.")] = None,
+    input_size: Annotated[int | None, typer.Option(min=1, help="Square input side (default: the model's own).")
+                          ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch, every phase.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of every phase (AdamW, cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation, the data split and order.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
+) -> None:
+    """Train a model as K modules incubated in a shallow frozen meta model, then assemble and fine-tune.
+
+    Deep Incubation (Ni et al., ICCV 2023): PT pre-trains the meta model, MT_k trains module k inside it (independent jobs), the assembled model is evaluated before fine-tuning (the compatibility check), FT fine-tunes it end to end. Every phase resumes after an interruption.
+    """  # noqa: E501  (one paragraph: the help text keeps the docstring's line breaks)
+    from surgery.training.incubation_run import incubate as run_incubation
+    from surgery.training.incubation_run import parse_epochs
+
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number (got {lr})")
+    phases = parse_epochs(epochs)
+    target = _incubation_entry(model, zoo, model_kwargs, "--model-kwargs")
+    if meta_kwargs is not None and meta != "auto":
+        fail("give either --meta NAME or --meta-kwargs, not both")
+    meta_spec = (None if meta == "auto" and meta_kwargs is None
+                 else _json_kwargs(meta_kwargs, "--meta-kwargs") if meta_kwargs is not None
+                 else _incubation_entry(meta, zoo, None, "--meta"))
+    manifest = run_incubation(target, data, out=out, modules=modules, epochs=phases, meta=meta_spec,
+                              input_size=input_size, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs,
+                              quiet=as_json)
+    if as_json:
+        print(json_text(manifest))
+
+
+def _json_kwargs(text: str | None, flag: str) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{flag} must be a JSON object ({e.msg} at column {e.colno})")
+    if not isinstance(value, dict):
+        fail(f"{flag} must be a JSON object, e.g. '{{\"depth\": 4}}'")
+    return value
+
+
+def _incubation_entry(name: str, zoo: Path | None, kwargs: str | None, flag: str) -> dict:
+    """A timm name, or the entry of that name in a zoo file, with extra model kwargs."""
+    extra = _json_kwargs(kwargs, "--model-kwargs") if flag == "--model-kwargs" else {}
+    if zoo is None:
+        return {"name": name, "arch": name, "model_kwargs": extra}
+    from zoo.entries import load_zoo_file
+
+    entries = {e.name: e for e in load_zoo_file(zoo)}
+    if name not in entries:
+        fail(f"{flag}: no entry {name!r} in {zoo} (entries: {', '.join(sorted(entries)[:6])})")
+    entry = entries[name].model_dump(mode="json", exclude_none=True)
+    entry["model_kwargs"] = {**entry.get("model_kwargs", {}), **extra}
+    return entry
+
+
 zoo_app = typer.Typer(help="Model zoos: build the small pretrained mini-zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 

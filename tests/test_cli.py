@@ -30,7 +30,7 @@ def sim_workspace(tiny_workspace, tmp_path_factory):
 def test_help_lists_commands():
     res = run_cli("--help")
     for cmd in ("dissect", "inspect", "similarity", "partition", "reassemble", "baseline", "finetune", "evaluate",
-                "zoo", "demo"):
+                "incubate", "zoo", "demo"):
         assert cmd in res.stdout
 
 
