@@ -76,6 +76,23 @@ def test_modules_chain_to_the_model_and_meta_keeps_interfaces(name, k):
     assert not set(map(id, twin.parameters())) & set(map(id, model.parameters()))
 
 
+@pytest.mark.parametrize("name", timm.list_models("test_*"))
+def test_every_timm_test_family_cuts_into_modules_with_a_meta(name):
+    """ByobNet, CoAtNet, ConvNeXt, EfficientNet, MambaOut, MaxViT, NFNet, ResNet, ViTs: the same code."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    size = model.pretrained_cfg["input_size"]  # some (CoAtNet, MaxViT) need their own size
+    d = dissect(model, size, name=name)
+    k = min(4, len(d.blocks) - 2)
+    plan = plan_modules(d, k)
+    modules = d.split(plan.boundaries)
+    meta, _ = auto_meta(dissect(timm.create_model(name, num_classes=3).eval(), size, name=name), plan)
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.equal(ModuleChain(modules)(x), model(x))
+        assert all(IncubationHybrid(meta, modules[i], i)(x).shape == (2, 3) for i in range(k))
+
+
 def test_balanced_by_macs_and_too_many_modules():
     model = _model("test_convnext")
     d = dissect(model, (3, 32, 32), name="test_convnext")

@@ -29,7 +29,7 @@ The pieces work on plain lists of modules so that a reassembled chain (stitches 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from surgery.spec import TensorSpec
 
 __all__ = [
     "ModulePlan", "MetaPlan", "ModuleChain", "IncubationHybrid", "plan_modules", "auto_meta", "meta_from_model",
-    "module_state", "load_module_states",
+    "module_state", "load_module_states", "recalibrate_norms",
 ]
 
 
@@ -357,3 +357,31 @@ def load_module_states(model: nn.Module, states: Sequence[dict[str, torch.Tensor
         raise SurgeryError(f"the modules' weights do not make up the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     model.load_state_dict(merged, strict=True)
+
+
+def recalibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: int = 20) -> int:
+    """Re-estimate every batch-norm layer's running statistics on ``batches`` (no weight changes).
+
+    Module k's batch-norm statistics were collected on the meta model's activations; once the
+    modules are assembled each one sees its real predecessor's instead, so the stored statistics no
+    longer describe its inputs ("precise BN": Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021,
+    §3). torch's own :func:`torch.optim.swa_utils.update_bn` does the work (statistics reset, then a
+    cumulative average over the batches, in train mode, without gradients).
+
+    Args:
+        model: the assembled model; its train/eval mode is restored afterwards.
+        batches: ``(inputs, targets)`` batches of target images (targets unused).
+        max_batches: at most this many batches are used.
+
+    Returns:
+        The number of batch-norm layers recalibrated (0: nothing to do, nothing run).
+    """
+    from torch.optim.swa_utils import update_bn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    update_bn((b for _, b in zip(range(max_batches), batches, strict=False)), model, device=device)
+    model.eval()
+    return len(norms)
