@@ -9,6 +9,8 @@ images). Per model and seed, three runs from the same initial weights:
 
 * ``incubation``: :func:`surgery.incubate` with K=4 modules and epochs PT:MT:FT = 3u:u:u (``--unit u``),
   the MT jobs run one after another (``--jobs 1``: the wall time is the sum of every phase);
+* ``incubation-meta-init``: the same with ``init="meta"``: each module starts from the pre-trained
+  automatic meta module (kept blocks copied, the others stacked copies) instead of random weights;
 * ``e2e-epochs``: end-to-end training for PT+MT+FT = 5u epochs (the same epoch count);
 * ``e2e-wall``: end-to-end training for the number of epochs whose measured time matches the
   incubation's total wall time (the same cost on this machine).
@@ -48,7 +50,7 @@ MODELS = {
     "vit": ("vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 96, "num_heads": 3, "depth": 12}, 28),
     "resnet": ("resnet34", {}, 32),
 }
-METHODS = ("incubation", "e2e-epochs", "e2e-wall")
+METHODS = ("incubation", "incubation-meta-init", "e2e-epochs", "e2e-wall")
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:
@@ -64,14 +66,14 @@ def _append(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _incubation(model: str, seed: int, unit: int, args, work: Path) -> dict[str, Any]:
+def _incubation(model: str, seed: int, unit: int, args, work: Path, init: str = "random") -> dict[str, Any]:
     from surgery.training.incubation_run import incubate
 
     arch, kwargs, size = MODELS[model]
     t0 = time.perf_counter()
-    manifest = incubate(arch, args.data, out=work / f"{model}-s{seed}-u{unit}", modules=4,
-                        epochs=(3 * unit, unit, unit), model_kwargs=kwargs, input_size=size, batch_size=128,
-                        lr=args.lr, seed=seed, quiet=not args.verbose)
+    folder = work / (f"{model}-s{seed}-u{unit}" + ("" if init == "random" else f"-{init}"))
+    manifest = incubate(arch, args.data, out=folder, modules=4, epochs=(3 * unit, unit, unit), model_kwargs=kwargs,
+                        input_size=size, batch_size=128, lr=args.lr, seed=seed, init=init, quiet=not args.verbose)
     phases = manifest["phases"]
     trained = [p for p in phases.values() if p and "wall_s" in p and p.get("epochs")]
     mt = [phases[k] for k in phases if k.startswith("mt_")]
@@ -138,6 +140,12 @@ def run(args: argparse.Namespace) -> None:
                   f"{rec['wall_s']:.0f} s", flush=True)
         e2e = next(r for r in _runs(args.out) if r["method"] == "e2e-epochs" and all(r.get(k) == v
                                                                                    for k, v in key.items()))
+        if "incubation-meta-init" not in done and not args.no_meta_init:
+            rec = _incubation(args.model, seed, args.unit, args, work, init="meta")
+            _append(args.out, {**key, "method": "incubation-meta-init", "threads": args.threads, **rec})
+            print(f"{args.model} seed {seed} incubation, modules initialised from the meta model: test "
+                  f"{rec['test_acc']:.4f} (assembled {rec['assembled_test_acc']:.4f}) {rec['wall_s']:.0f} s",
+                  flush=True)
         if "e2e-wall" not in done:
             per_epoch = statistics.mean(e2e["epoch_s"])
             epochs = max(1, round(inc["wall_s"] / per_epoch))
@@ -194,11 +202,12 @@ def report(args: argparse.Namespace) -> None:
                 macs = statistics.mean(r["train_macs_x_images"] for r in rs) / 1e12
                 stats[method] = (acc, wall, macs)
                 points[(model, method)] = [(r["wall_s"], 100 * r["test_acc"]) for r in rs]
-                epochs = "PT,MT,FT = " + ",".join(map(str, rs[0]["epochs"])) if method == "incubation" else str(
-                    sorted({r["epochs"] for r in rs}))
+                epochs = ("PT,MT,FT = " + ",".join(map(str, rs[0]["epochs"])) if method.startswith("incubation")
+                          else str(sorted({r["epochs"] for r in rs})))
                 before = (f"{_mean_sd([100 * r['assembled_test_acc'] for r in rs])[0]:.1f}"
-                          if method == "incubation" else "-")
-                crit = f"{statistics.mean(r['critical_path_s'] for r in rs):.0f}" if method == "incubation" else "-"
+                          if method.startswith("incubation") else "-")
+                crit = (f"{statistics.mean(r['critical_path_s'] for r in rs):.0f}" if method.startswith("incubation")
+                        else "-")
                 lines.append(f"| {method} (n={len(rs)}) | {epochs} | {acc[0]:.2f} ± {acc[1]:.2f} | {before} | "
                              f"{wall[0]:.0f} | {crit} | {macs:.1f} |")
             lines.append("")
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=DATA)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--no-meta-init", action="store_true", help="skip the incubation-meta-init variant")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "surgery" / "benchmarks" / "incubation",
                    help="run folders (checkpoints; outside the repository)")

@@ -501,6 +501,8 @@ def incubate(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch, every phase.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate of every phase (AdamW, cosine).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation, the data split and order.")] = 0,
+    init: Annotated[str, typer.Option(help="random (the paper) | meta: modules start from the trained meta model.")
+                    ] = "random",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
 ) -> None:
     """Train a model as K modules incubated in a shallow frozen meta model, then assemble and fine-tune.
@@ -512,6 +514,8 @@ def incubate(
 
     if not (math.isfinite(lr) and lr > 0):
         fail(f"--lr must be a positive number (got {lr})")
+    if init not in ("random", "meta"):
+        fail(f"--init must be random or meta (got {init!r})")
     phases = parse_epochs(epochs)
     target = _incubation_entry(model, zoo, model_kwargs, "--model-kwargs")
     if meta_kwargs is not None and meta != "auto":
@@ -521,7 +525,7 @@ def incubate(
                  else _incubation_entry(meta, zoo, None, "--meta"))
     manifest = run_incubation(target, data, out=out, modules=modules, epochs=phases, meta=meta_spec,
                               input_size=input_size, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs,
-                              quiet=as_json)
+                              init=init, quiet=as_json)
     if as_json:
         print(json_text(manifest))
 

@@ -22,6 +22,7 @@ from surgery.training.incubation import (
     IncubationHybrid,
     ModuleChain,
     auto_meta,
+    init_from_meta,
     load_module_states,
     meta_from_model,
     module_state,
@@ -168,6 +169,25 @@ def test_module_states_assemble_a_fresh_model():
         load_module_states(_model("test_vit"), states[:2])
 
 
+def test_init_from_meta_copies_kept_blocks_and_stacks_the_others():
+    model = _model("test_vit")
+    d = dissect(model, (3, 32, 32), name="test_vit")
+    plan = plan_modules(d, 2)
+    modules = d.split(plan.boundaries)
+    twin = _model("test_vit", seed=1)
+    meta, meta_plan = auto_meta(dissect(twin, (3, 32, 32), name="test_vit"), plan)
+    keys = [list(b.state_dict()) for b in d.blocks]
+    counts = init_from_meta(modules[0], keys, plan.blocks[0], meta[0], meta_plan.blocks[0])
+    s, e = plan.blocks[0]
+    assert counts == {"copied": len(meta_plan.blocks[0]), "stacked": e - s - len(meta_plan.blocks[0]), "random": 0}
+    state, twin_state = modules[0].state_dict(), twin.state_dict()
+    kept_plain = [i for i in meta_plan.blocks[0] if i > 0][0]  # the shape-preserving block the meta kept
+    for i in range(s, e):
+        src = i if i in meta_plan.blocks[0] else kept_plain
+        for key, src_key in zip(keys[i], keys[src], strict=True):
+            assert torch.equal(state[key], twin_state[src_key]), (i, key)
+
+
 # ---------------------------------------------------------------------------- the phase DAG
 
 RUN_KW = {"modules": 2, "epochs": (1, 2, 1), "input_size": 32, "batch_size": 128, "lr": 2e-3, "quiet": True,
@@ -226,6 +246,28 @@ def test_run_folder_of_another_model_is_refused_untouched(tmp_path):
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_meta_init_run_starts_each_module_from_the_trained_meta(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    kw = {**RUN_KW, "model_kwargs": {"depth": 4}, "epochs": (2, 1, 0)}
+    seen = []
+    real = run_mod.init_from_meta
+
+    def spy(module, block_keys, span, meta_module, meta_blocks):
+        # called after PT's weights are loaded: the meta module given is the trained one
+        trained = load_tensors(tmp_path / "meta" / "pt" / "meta.safetensors")
+        k = len(seen)
+        assert all(torch.equal(v, trained[f"parts.{k}.{key}"]) for key, v in meta_module.state_dict().items())
+        seen.append(real(module, block_keys, span, meta_module, meta_blocks))
+        return seen[-1]
+
+    monkeypatch.setattr(run_mod, "init_from_meta", spy)
+    manifest = run_mod.incubate("test_vit", "digits", out=tmp_path / "meta", init="meta", **kw)
+    assert manifest["spec"]["init"] == "meta" and len(seen) == 2
+    assert all(c["copied"] >= 1 and c["random"] == 0 for c in seen)
+    with pytest.raises(SurgeryError, match="cannot be used with a user-given meta model"):
+        run_mod.incubate("test_vit", "digits", out=tmp_path / "x", init="meta", meta={"depth": 2}, **kw)
+
+
 @pytest.mark.parametrize("text", ["3,1", "a,b,c", "1,0,1", "-1,1,1", "1,1,1,1"])
 def test_malformed_epochs(text):
     with pytest.raises(SurgeryError, match="--epochs must be PT,MT,FT"):
@@ -251,6 +293,9 @@ def test_cli_incubate_evaluate_reload(tmp_path):
         assert torch.equal(model(x), again(x))
     card = (out / "README.md").read_text()
     assert "| assemble |" in card and "meta model (auto)" in card
+    torch.export.export(model, (x,))
+    ft = run_cli("finetune", str(out), "--data", "digits", "--epochs", "1", "--batch-size", "128", "--json").json()
+    assert 0 <= ft["test_top1"] <= 1
 
     bad = run_cli("incubate", "test_vit", "--data", "digits", "--modules", "9", "--input-size", "32",
                   "--model-kwargs", '{"depth": 4}', "--out", str(tmp_path / "bad"), check=False)

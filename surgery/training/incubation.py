@@ -45,7 +45,7 @@ from surgery.spec import TensorSpec
 
 __all__ = [
     "ModulePlan", "MetaPlan", "ModuleChain", "IncubationHybrid", "plan_modules", "auto_meta", "meta_from_model",
-    "module_state", "load_module_states", "recalibrate_norms",
+    "module_state", "load_module_states", "recalibrate_norms", "init_from_meta",
 ]
 
 
@@ -385,3 +385,57 @@ def recalibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: 
     update_bn((b for _, b in zip(range(max_batches), batches, strict=False)), model, device=device)
     model.eval()
     return len(norms)
+
+
+def _original_names(meta_module: nn.Module, n_blocks: int) -> dict[str, torch.Tensor]:
+    """A meta module's weights under the architecture's own names (a chain of blocks adds ``j.``)."""
+    state = meta_module.state_dict()
+    if n_blocks == 1:
+        return dict(state)
+    return {key.split(".", 1)[1]: value for key, value in state.items()}
+
+
+def init_from_meta(module: nn.Module, block_keys: Sequence[Sequence[str]], span: tuple[int, int],
+                   meta_module: nn.Module, meta_blocks: Sequence[int]) -> dict[str, int]:
+    """Start module k from the pre-trained automatic meta module instead of random weights ("stacking").
+
+    Not the paper's recipe (its modules start random, §3.2). The blocks the meta module kept are
+    copied as they are; every other block copies the nearest earlier block of the module with the
+    same parameter shapes (the interleaved/stacked copy of progressive growth: AutoProg, Li et al.
+    CVPR 2022, §3.3; progressive stacking, Gong et al. ICML 2019). Every module then starts from the
+    same trained context, so the modules stay compatible when assembled.
+
+    Args:
+        module: target module k (its weights are overwritten in place).
+        block_keys: per dissection block of the target, its state-dict keys (the model's names).
+        span: module k's ``[start, end)`` block range.
+        meta_module: meta module k, from :func:`auto_meta` (the same architecture's blocks).
+        meta_blocks: the block indices meta module k kept.
+
+    Returns:
+        ``{"copied": blocks copied from the meta, "stacked": blocks copied from an earlier block,
+        "random": blocks left at their random initialisation}``.
+    """
+    source = _original_names(meta_module, len(meta_blocks))
+    state = module.state_dict()
+    done: dict[int, list[torch.Tensor]] = {}
+    counts = {"copied": 0, "stacked": 0, "random": 0}
+    for i in range(*span):
+        keys = [key for key in block_keys[i] if key in state]
+        if i in meta_blocks and all(key in source for key in keys):
+            values = [source[key] for key in keys]
+            counts["copied"] += 1
+        else:
+            shapes = [tuple(state[key].shape) for key in keys]
+            match = next((v for j, v in sorted(done.items(), reverse=True)
+                          if [tuple(t.shape) for t in v] == shapes), None)
+            if match is None or not keys:  # e.g. the first block after a width change
+                counts["random"] += 1
+                continue
+            values = match
+            counts["stacked"] += 1
+        for key, value in zip(keys, values, strict=True):
+            state[key] = value.clone()
+        done[i] = values
+    module.load_state_dict(state, strict=True)
+    return counts

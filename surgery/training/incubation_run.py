@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,6 +46,7 @@ from surgery.training.incubation import (
     ModuleChain,
     ModulePlan,
     auto_meta,
+    init_from_meta,
     load_module_states,
     meta_from_model,
     module_state,
@@ -74,6 +75,8 @@ class IncubationSpec(BaseModel):
         input_size: ``(C, H, W)`` the model sees.
         batch_size, lr: the recipe of every phase (AdamW, label smoothing 0.1, cosine).
         seed: initialisation, data split and order.
+        init: how MT modules start: ``"random"`` (the paper) or ``"meta"`` (copied and stacked from
+            the pre-trained automatic meta module, :func:`~surgery.training.incubation.init_from_meta`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -87,6 +90,7 @@ class IncubationSpec(BaseModel):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
+    init: Literal["random", "meta"] = "random"
 
 
 def parse_epochs(text: str) -> tuple[int, int, int]:
@@ -175,6 +179,7 @@ class Built:
     std: tuple[float, ...]
     target_params: int
     target_macs: int
+    block_keys: list[list[str]]
 
 
 def _splits(spec: IncubationSpec):
@@ -202,8 +207,12 @@ def build(spec: IncubationSpec, splits: dict[str, Any] | None = None) -> Built:
         shallow = _create(spec.meta, len(classes), spec.seed + 1)
         name = _entry(spec.meta).name
         meta_modules, meta_plan = meta_from_model(dissect(shallow, spec.input_size, name=name), plan, name=name)
+    if spec.init == "meta" and spec.meta is not None:
+        raise SurgeryError("init='meta' copies the automatic meta model's blocks; it cannot be used with a "
+                           "user-given meta model")
     return Built(spec, target, modules, plan, ModuleChain(meta_modules), meta_plan, classes,
-                 tuple(cfg["mean"]), tuple(cfg["std"]), int(d.params), int(d.macs))
+                 tuple(cfg["mean"]), tuple(cfg["std"]), int(d.params), int(d.macs),
+                 [list(block.state_dict()) for block in d.blocks])
 
 
 def _loaders(b: Built, splits: dict[str, Any]):
@@ -282,6 +291,8 @@ def run_mt(run: Path, b: Built, splits, k: int, quiet: bool) -> dict[str, Any]:
     if (rec := _done(run, name)) is not None:
         return rec
     load_meta(run, b)
+    if b.spec.init == "meta":
+        init_from_meta(b.modules[k], b.block_keys, b.plan.blocks[k], b.meta.parts[k], b.meta_plan.blocks[k])
     hybrid = IncubationHybrid(list(b.meta.parts), b.modules[k], k)
     # prefix: forward only (no_grad); module k: forward + both gradients; suffix: forward + input gradients.
     meta_macs = b.meta_plan.macs
@@ -358,7 +369,10 @@ def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     manifest = read_json(path, what="incubation manifest")
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "spec" not in manifest:
         raise SurgeryError(f"{path} is not a {SCHEMA} manifest; give a new --out")
-    old = manifest["spec"]
+    try:  # fields added later read as their defaults
+        old = IncubationSpec.model_validate(manifest["spec"]).model_dump(mode="json")
+    except ValidationError:
+        old = manifest["spec"]
     new = spec.model_dump(mode="json")
     changed = [k for k in new if old.get(k) != new[k]]
     if changed:
@@ -475,7 +489,7 @@ def _save_model(run: Path, b: Built, phases: dict[str, Any]) -> None:
 def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, modules: int = 4,
              epochs: tuple[int, int, int] | str = (3, 1, 1), model_kwargs: dict[str, Any] | None = None,
              meta: str | dict[str, Any] | None = None, input_size: int | None = None, batch_size: int = 64,
-             lr: float = 1e-3, seed: int = 0, jobs: int = 1, quiet: bool = False,
+             lr: float = 1e-3, seed: int = 0, jobs: int = 1, init: str = "random", quiet: bool = False,
              report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train a model as ``modules`` incubated modules: PT -> MT_k (parallel) -> assemble -> FT.
 
@@ -491,6 +505,8 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
         input_size: square input side; default the model's own (timm data config).
         batch_size, lr, seed: the recipe of every phase.
         jobs: MT jobs run as this many parallel processes (threads split between them).
+        init: ``"random"`` (the paper: modules start at random) or ``"meta"`` (modules start from the
+            pre-trained automatic meta model, its kept blocks copied and the others stacked).
         quiet: no progress output.
         report: receives one line per phase event (default: print unless ``quiet``).
 
@@ -524,7 +540,7 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     chans = int(entry["model_kwargs"].get("in_chans", 3))
     try:
         spec = IncubationSpec(model=entry, meta=meta, modules=modules, epochs=epochs, data=data,
-                              input_size=(chans, size, size), batch_size=batch_size, lr=lr, seed=seed)
+                              input_size=(chans, size, size), batch_size=batch_size, lr=lr, seed=seed, init=init)
     except ValidationError as e:
         err = e.errors()[0]
         raise SurgeryError(f"bad incubation setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
