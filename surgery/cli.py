@@ -425,7 +425,8 @@ def baseline(
 
 @app.command(epilog="Example: surgery finetune reassembled --data digits --epochs 10 --freeze none")
 def finetune(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble' or 'baseline'.")],
+    model_dir: Annotated[Path, typer.Argument(
+        help="Model folder written by 'surgery reassemble', 'baseline' or 'incubate'.")],
     data: Annotated[str, typer.Option(help="Target data (same classes as the model's head).")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 5,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
@@ -455,7 +456,8 @@ def finetune(
 
 @app.command(epilog="Example: surgery evaluate reassembled --data digits")
 def evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'surgery reassemble'.")],
+    model_dir: Annotated[Path, typer.Argument(
+        help="Model folder written by 'surgery reassemble', 'baseline' or 'incubate'.")],
     data: Annotated[str, typer.Option(help="Data to evaluate on.")],
     split: Annotated[str, typer.Option(help="test | val | train.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,

@@ -296,6 +296,11 @@ def test_cli_incubate_evaluate_reload(tmp_path):
     torch.export.export(model, (x,))
     ft = run_cli("finetune", str(out), "--data", "digits", "--epochs", "1", "--batch-size", "128", "--json").json()
     assert 0 <= ft["test_top1"] <= 1
+    # the same incubate command again: every phase done, the fine-tuned weights are left alone
+    tuned = (out / "model.safetensors").read_bytes()
+    again = run_cli("incubate", "test_vit", "--data", "digits", "--modules", "2", "--epochs", "1,1,1", "--input-size",
+                    "32", "--batch-size", "128", "--model-kwargs", '{"depth": 4}', "--out", str(out))
+    assert "nothing left to do" in again.stdout and (out / "model.safetensors").read_bytes() == tuned
 
     bad = run_cli("incubate", "test_vit", "--data", "digits", "--modules", "9", "--input-size", "32",
                   "--model-kwargs", '{"depth": 4}', "--out", str(tmp_path / "bad"), check=False)
@@ -304,3 +309,16 @@ def test_cli_incubate_evaluate_reload(tmp_path):
     assert bad.returncode == 2 and "--epochs must be" in bad.stderr
     bad = run_cli("incubate", "test_resnet", "--data", "digits", "--epochs", "1,1,1", "--out", str(out), check=False)
     assert bad.returncode == 2 and "holds another incubation run" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "test_resnet", "test_convnext"])
+def test_cli_incubates_hierarchical_vit_resnet_and_convnext(tmp_path, name):
+    kwargs = {k: v for k, v in FAMILIES[name][0].items() if k != "img_size"}
+    out = tmp_path / "run"
+    res = run_cli("incubate", name, "--data", "digits", "--modules", "2", "--epochs", "1,1,0", "--input-size", "32",
+                  "--batch-size", "128", "--model-kwargs", json.dumps(kwargs), "--out", str(out), "--json")
+    manifest = res.json()
+    assert manifest["spec"]["modules"] == 2 and manifest["phases"]["assemble"]["test_acc"] >= 0
+    model = surgery.load(out)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

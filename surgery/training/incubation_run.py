@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -303,9 +304,36 @@ def run_mt(run: Path, b: Built, splits, k: int, quiet: bool) -> dict[str, Any]:
     return _finish(run, name, record)
 
 
-def _mt_job(run: str, k: int, threads: int) -> dict[str, Any]:
-    """One MT_k as a separate process (a pure function of the run folder's spec and k)."""
+def _worker_init(threads: int) -> None:
+    """An MT worker process: its share of the cores, and it dies with the parent.
+
+    Without PR_SET_PDEATHSIG a ``kill -9`` of the command would leave the workers training (and then
+    idling) as orphans; Linux only, elsewhere a no-op.
+    """
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop running jobs now (``shutdown`` alone waits for them to finish)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # older Pythons: no public way
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _mt_job(run: str, k: int) -> dict[str, Any]:
+    """One MT_k as a separate process (a pure function of the run folder's spec and k)."""
     spec = IncubationSpec.model_validate(read_json(Path(run) / MANIFEST)["spec"])
     splits = _splits(spec)
     return run_mt(Path(run), build(spec, splits), splits, k, quiet=True)
@@ -374,12 +402,23 @@ def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     except ValidationError:
         old = manifest["spec"]
     new = spec.model_dump(mode="json")
-    changed = [k for k in new if old.get(k) != new[k]]
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
-        shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new[k])}" for k in changed[:3])
+        shown = "; ".join(f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in changed[:3])
         raise SurgeryError(f"{run} holds another incubation run ({shown}); give a new --out, or the same options "
                            "to resume it")
     return manifest
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"model.model_kwargs.depth": 4, ...}`` (so a message names the one field that differs)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _threads_per_job(jobs: int) -> int:
@@ -402,13 +441,21 @@ def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, quiet: bool,
         return [_done(run, f"mt_{i}") for i in range(k)]
     workers = min(jobs, len(todo))
     threads = _threads_per_job(workers)
-    report(f"MT_0..MT_{k - 1}: {len(todo)} jobs in {workers} processes x {threads} threads")
-    ctx = torch.multiprocessing.get_context("spawn")  # fork would copy this process's thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {i: pool.submit(_mt_job, str(run), i, threads) for i in todo}
+    report(f"MT: {len(todo)} of {k} module jobs to run, {b.spec.epochs[1]} epochs each, in {workers} processes x "
+           f"{threads} threads")
+    # spawn, not fork: fork would copy this process's thread pools. A script calling incubate(jobs > 1)
+    # therefore needs the usual `if __name__ == "__main__":` guard (the workers import it).
+    ctx = torch.multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
+    try:
+        futures = {i: pool.submit(_mt_job, str(run), i) for i in todo}
         for i, fut in futures.items():
             rec = fut.result()
             report(f"MT_{i} done: val top-1 {rec['val_acc']:.4f} ({rec['wall_s']:.0f} s)")
+    except BaseException:
+        _stop_workers(pool)  # Ctrl-C or a failed job: the others stop too; finished phases stay done
+        raise
+    pool.shutdown()
     return [_done(run, f"mt_{i}") for i in range(k)]
 
 
@@ -527,8 +574,11 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     if jobs < 1:
         raise SurgeryError(f"jobs must be at least 1, got {jobs}")
     entry = {"name": model, "arch": model} if isinstance(model, str) else dict(model)
-    entry = ZooEntry.model_validate({**entry, "model_kwargs": {**entry.get("model_kwargs", {}),
-                                                                **(model_kwargs or {})}}).model_dump(mode="json")
+    # The target always starts from random weights (the method trains it from scratch): a zoo entry's
+    # checkpoint, if any, is not used.
+    entry = ZooEntry.model_validate({**entry, "weights": None, "pretrained_tag": None, "random_init": True,
+                                     "model_kwargs": {**entry.get("model_kwargs", {}), **(model_kwargs or {})}}
+                                    ).model_dump(mode="json")
     entry = with_input_size(entry, input_size)
     size = input_size or data_config(_entry(entry), _create_structure(entry))["input_size"][-1]
     if isinstance(meta, str):
@@ -551,12 +601,17 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     report(f"target {b.plan.k} modules: {b.target_params / 1e6:.3f} M params, {b.target_macs / 1e9:.4g} GMACs; "
            f"meta ({b.meta_plan.source}): {sum(b.meta_plan.params) / 1e6:.3f} M params, "
            f"{sum(b.meta_plan.macs) / 1e9:.4g} GMACs")
-    if existing is not None:
-        report(f"resuming {run}: done {', '.join(k for k, v in existing['phases'].items() if v) or 'nothing'}")
     run.mkdir(parents=True, exist_ok=True)
     phases: dict[str, Any] = {"pt": None, **{f"mt_{k}": None for k in range(b.plan.k)}, "assemble": None, "ft": None}
     for name in phases:
         phases[name] = _done(run, name)
+    wanted = [n for n in phases if not (n == "pt" and epochs[0] == 0) and not (n == "ft" and epochs[2] == 0)]
+    finished = all(phases[n] is not None for n in wanted) and (run / "config.json").exists()
+    if existing is not None:
+        done = [n for n in phases if phases[n] is not None]
+        report(f"resuming {run}: done {', '.join(done) or 'nothing'}" + ("; nothing left to do" if finished else ""))
+    if finished:  # the model folder may hold a later fine-tuning: leave it as it is
+        return read_json(run / MANIFEST, what="incubation manifest")
     _write_manifest(run, b, phases)
     if epochs[0] > 0:
         if phases["pt"] is None:
@@ -570,8 +625,8 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     _write_manifest(run, b, phases)
     phases["assemble"] = assemble(run, b, splits)
     asm = phases["assemble"]
-    stored = (f" (stored batch-norm statistics: {asm['test_acc_stored_stats']:.4f}; re-estimated on target images)"
-              if "test_acc_stored_stats" in asm else "")
+    stored = (f" (batch-norm statistics re-estimated on training images; with the modules' stored statistics: "
+              f"test top-1 {asm['test_acc_stored_stats']:.4f})" if "test_acc_stored_stats" in asm else "")
     report(f"assembled (before fine-tuning): val top-1 {asm['val_acc']:.4f}, test top-1 {asm['test_acc']:.4f}{stored}")
     if epochs[2] > 0 and _done(run, "ft") is None:
         report(f"FT: the assembled model end to end, {epochs[2]} epochs")
