@@ -23,8 +23,9 @@ MACs x images (1x forward for frozen parts without gradient, 2x for frozen parts
 
 Run (each line appends to ``OUT/runs.jsonl``; finished runs are skipped, so the command resumes)::
 
-    .venv/bin/python benchmarks/incubation.py run --model resnet --seeds 0 1 2 --unit 2 --threads 2
+    .venv/bin/python benchmarks/incubation.py run --model resnet --seeds 0 1 2 --unit 1 --threads 2
     .venv/bin/python benchmarks/incubation.py run --model vit --seeds 0 1 2 --unit 1 --threads 2
+    .venv/bin/python benchmarks/incubation.py run --model resnet --seeds 0 1 2 --unit 2 --threads 2
     .venv/bin/python benchmarks/incubation.py report
 
 Goal (the issue's): incubation at least matches end-to-end accuracy at no more than 0.5x its cost,
@@ -201,7 +202,7 @@ def report(args: argparse.Namespace) -> None:
                 wall = _mean_sd([r["wall_s"] for r in rs])
                 macs = statistics.mean(r["train_macs_x_images"] for r in rs) / 1e12
                 stats[method] = (acc, wall, macs)
-                points[(model, method)] = [(r["wall_s"], 100 * r["test_acc"]) for r in rs]
+                points[(f"{model}, unit {unit}", method)] = [(r["wall_s"], 100 * r["test_acc"]) for r in rs]
                 epochs = ("PT,MT,FT = " + ",".join(map(str, rs[0]["epochs"])) if method.startswith("incubation")
                           else str(sorted({r["epochs"] for r in rs})))
                 before = (f"{_mean_sd([100 * r['assembled_test_acc'] for r in rs])[0]:.1f}"
@@ -242,10 +243,10 @@ def _plot(points: dict[tuple[str, str], list[tuple[float, float]]], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({m for m, _ in points})
+    models = sorted({m for m, _ in points})  # one panel per model and epoch unit
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     markers = {"incubation": "o", "incubation-meta-init": "D", "e2e-epochs": "s", "e2e-wall": "^"}
     for ax, model in zip(axes[0], models, strict=True):
         for (m, method), pts in sorted(points.items()):

@@ -503,7 +503,8 @@ def incubate(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch, every phase.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate of every phase (AdamW, cosine).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation, the data split and order.")] = 0,
-    init: Annotated[str, typer.Option(help="random (the paper) | meta: modules start from the trained meta model.")
+    init: Annotated[str, typer.Option(
+        help="random (the paper) | meta: modules start from the trained meta model (better at short schedules).")
                     ] = "random",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
 ) -> None:

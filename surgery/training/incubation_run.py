@@ -618,6 +618,8 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
             report(f"PT: meta model end to end, {epochs[0]} epochs")
         phases["pt"] = run_pt(run, b, splits, quiet)
     else:
+        report("PT skipped (0 epochs): the meta model is used as built" +
+               (" (random weights: a frozen random context teaches the modules little)" if spec.meta is None else ""))
         phases["pt"] = {"phase": "pt", "epochs": 0, "skipped": True}
     _write_manifest(run, b, phases)
     for k, rec in enumerate(_run_mt_jobs(run, b, splits, jobs, quiet, report)):
