@@ -520,12 +520,12 @@ def incubate(
     if init not in ("random", "meta"):
         fail(f"--init must be random or meta (got {init!r})")
     phases = parse_epochs(epochs)
-    target = _incubation_entry(model, zoo, model_kwargs, "--model-kwargs")
+    target = _incubation_entry(model, zoo, _json_kwargs(model_kwargs, "--model-kwargs"), "MODEL")
     if meta_kwargs is not None and meta != "auto":
         fail("give either --meta NAME or --meta-kwargs, not both")
     meta_spec = (None if meta == "auto" and meta_kwargs is None
                  else _json_kwargs(meta_kwargs, "--meta-kwargs") if meta_kwargs is not None
-                 else _incubation_entry(meta, zoo, None, "--meta"))
+                 else _incubation_entry(meta, zoo, {}, "--meta"))
     manifest = run_incubation(target, data, out=out, modules=modules, epochs=phases, meta=meta_spec,
                               input_size=input_size, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs,
                               init=init, quiet=as_json)
@@ -547,9 +547,8 @@ def _json_kwargs(text: str | None, flag: str) -> dict:
     return value
 
 
-def _incubation_entry(name: str, zoo: Path | None, kwargs: str | None, flag: str) -> dict:
+def _incubation_entry(name: str, zoo: Path | None, extra: dict, flag: str) -> dict:
     """A timm name, or the entry of that name in a zoo file, with extra model kwargs."""
-    extra = _json_kwargs(kwargs, "--model-kwargs") if flag == "--model-kwargs" else {}
     if zoo is None:
         return {"name": name, "arch": name, "model_kwargs": extra}
     from zoo.entries import load_zoo_file

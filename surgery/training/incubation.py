@@ -338,7 +338,7 @@ def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     they hold, so these keys are a subset of ``model.state_dict()``'s and K module states together
     load into a fresh instance of the model (:func:`load_module_states`).
     """
-    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    return dict(module.state_dict())  # detached views; save_tensors makes the contiguous CPU copies
 
 
 def load_module_states(model: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
