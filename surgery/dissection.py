@@ -351,6 +351,14 @@ class Dissection:
         self.blocks: list[nn.Module] = []
         self.block_info: list[BlockInfo] = []
 
+    def position(self, node: str) -> int:
+        """Index of cut point ``node`` in graph order.
+
+        Raises:
+            SurgeryError: ``node`` is not a cut point of this model.
+        """
+        return self._positions([node])[0]
+
     def _positions(self, boundaries: Sequence[str]) -> list[int]:
         positions = []
         for b in boundaries:

@@ -57,6 +57,11 @@ from surgery.tracing import one_line
 from surgery.workspace import Workspace
 
 DEFAULT_PROBE = "fashion-mnist"
+# Stitches are fitted on up to this many unlabelled target training images (labels never read): least
+# squares needs no labels, so a few-label target still gets well-fitted stitches. Capped because every
+# source model runs its prefix over them once (in batches of STITCH_BATCH).
+DEFAULT_UNLABELED = 1024
+STITCH_BATCH = 256
 # Native activations kept across the chains of one reassembly run (see build_chain).
 ACTIVATION_CACHE_BYTES = 2 << 30
 
@@ -142,6 +147,16 @@ def _activation(model: nn.Module, d, node: str | None, x: torch.Tensor) -> torch
     return d.split([node])[0](x)
 
 
+def _unlabeled_images(data: str, seed: int, samples: int) -> torch.Tensor:
+    """Up to ``samples`` training images of ``data`` before any few-label cap, without their labels."""
+    from zoo.data import load_split
+
+    ds = load_split(data, "unlabeled", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(len(ds.labels), generator=g)[: min(samples, len(ds.labels))]
+    return ds.gather(idx, size=None if ds.images is not None else (224, 224))
+
+
 def _classifier_cost(model: nn.Module, input_size, num_classes: int) -> tuple[int, int, int, int]:
     """(old classifier params, old classifier MACs, new head params, new head MACs) at batch 1."""
     clf = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -174,18 +189,23 @@ class Sources:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     # native activations at the stage boundaries, captured by the quality forward pass (see build_chain)
     activations: dict[tuple[str, str | None], torch.Tensor] = field(default_factory=dict)
+    # unlabelled target images transformed for each model, the stitches' least-squares data (None: ``inputs``)
+    stitch_inputs: dict[str, torch.Tensor] | None = None
 
 
 def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, target_samples: int, *,
-                 with_quality: bool = True, names: list[str] | None = None) -> Sources:
+                 with_quality: bool = True, names: list[str] | None = None, unlabeled: int = 0) -> Sources:
     """Load the partition's source models (real weights) once, with their stage plans and target inputs.
 
     Each model is traced and probed once (:func:`_headless_cut`); with ``with_quality`` one forward pass
     per model gives both its pre-logits features (``features``, for LogME) and its activations at the
-    partition's cut nodes (``activations``, for the stitches), up to :data:`ACTIVATION_CACHE_BYTES`.
+    partition's cut nodes (``activations``, for the stitches and the head), up to
+    :data:`ACTIVATION_CACHE_BYTES`. ``unlabeled > 0``: the stitches are fitted on up to that many
+    unlabelled training images instead (``stitch_inputs``).
     """
     names = names or list(part["models"])
     images, labels, classes = _target_batches(target, seed, target_samples)
+    unlabeled_images = _unlabeled_images(target, seed, unlabeled) if unlabeled > 0 else None
     models, dissections, manifests, cuts = {}, {}, {}, {}
     split_blocks: dict[str, list[nn.Module] | None] = {}  # headless blocks at the stage cuts, for one forward
     # each model's cut nodes in graph order: the ends of its stage blocks but the last
@@ -198,6 +218,8 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
         if cuts[n] is None:
             del cuts[n]
     inputs = {n: _transform(manifests[n])(images) for n in names}
+    stitch_inputs = ({n: _transform(manifests[n])(unlabeled_images) for n in names}
+                     if unlabeled_images is not None else None)
     plans = []
     for k in range(part["stages"]):
         by_model = {}
@@ -230,7 +252,7 @@ def load_sources(ws: Workspace, part: dict[str, Any], target: str, seed: int, ta
         quality = {n: ((raw[n] - lo) / (hi - lo) if hi > lo else 0.0) if math.isfinite(raw[n]) else math.nan
                    for n in names}
     return Sources(names, manifests, models, dissections, plans, labels, classes, inputs, quality, cuts, features,
-                   activations)
+                   activations, stitch_inputs)
 
 
 def _headless_cut(model: nn.Module, manifest: dict[str, Any], name: str, nodes: list[str]
@@ -271,11 +293,15 @@ def _forward_capturing(blocks: list[nn.Module], name: str, nodes: list[str], x: 
     return x
 
 
-def _cache_put(activations: dict[tuple[str, str | None], torch.Tensor], key: tuple[str, str | None],
-               value: torch.Tensor) -> None:
+def _nbytes(value: torch.Tensor | list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in (value if isinstance(value, list) else [value]))
+
+
+def _cache_put(activations: dict[tuple[str, str | None], Any], key: tuple[str, str | None],
+               value: torch.Tensor | list[torch.Tensor]) -> None:
     """Keep ``value`` unless the cache would exceed :data:`ACTIVATION_CACHE_BYTES` (early 224 px maps are large)."""
-    held = sum(t.numel() * t.element_size() for t in activations.values())
-    if held + value.numel() * value.element_size() <= ACTIVATION_CACHE_BYTES:
+    held = sum(_nbytes(t) for t in activations.values())
+    if held + _nbytes(value) <= ACTIVATION_CACHE_BYTES:
         activations[key] = value
 
 
@@ -330,6 +356,7 @@ def reassemble(
     proxy: str = DEFAULT_PROXY,
     probe: str | None = None,
     target_samples: int = 256,
+    unlabeled: int = DEFAULT_UNLABELED,
     seed: int = 0,
     solver: str = "cbc",
     constraints: list[Callable[[AssemblyProgram], Any]] | None = None,
@@ -349,7 +376,11 @@ def reassemble(
         proxy: ``linear`` (default: the best predictor of fine-tuned accuracy in the transfer
             benchmark, see :data:`surgery.baseline.DEFAULT_PROXY`) | ``logme`` | ``naswot`` | ``params``.
         probe: probe data for a missing similarity step (default ``fashion-mnist``, else ``digits``).
-        target_samples: target images for fitting stitches/head and the proxy.
+        target_samples: labelled target images for the head, the block quality and the proxy (and the
+            stitches when ``unlabeled`` is 0).
+        unlabeled: the stitches' least squares use up to this many training images of the target with
+            their labels ignored (all of them before a ``train_per_class`` cap: a few-label target still
+            gets well-fitted stitches); 0 fits them on the ``target_samples`` labelled images.
         seed: seed of every random draw.
         solver: ``cbc`` or ``highs``.
         constraints: extra constraints, each ``fn(program)`` (see :class:`solvers.assembly.AssemblyProgram`).
@@ -384,7 +415,9 @@ def reassemble(
 
     target = data or sim["settings"]["data"]
     t0 = time.perf_counter()
-    src = load_sources(ws, part, target, seed, target_samples, with_quality=data is not None)
+    if unlabeled < 0:
+        raise SurgeryError(f"unlabeled must be >= 0, got {unlabeled}")
+    src = load_sources(ws, part, target, seed, target_samples, with_quality=data is not None, unlabeled=unlabeled)
     names, models, dissections, manifests = src.names, src.models, src.dissections, src.manifests
     inputs, labels, classes, quality, plans = src.inputs, src.labels, src.classes, src.quality, src.plans
     num_classes = len(classes)
@@ -457,6 +490,7 @@ def reassemble(
     t_fit = t_proxy = t_count = 0.0
     ranked: list[Ranked] = []
     activations = dict(src.activations)  # the boundary activations the quality pass already computed
+    stitch_acts = activations if src.stitch_inputs is None else {}  # native activations on the stitch images
     skipped: list[dict[str, Any]] = []
     for chain in chains:
         t1 = time.perf_counter()
@@ -464,7 +498,8 @@ def reassemble(
         first = chain_plans[0].model
         try:
             model, feats = _build_chain(models, dissections, chain_plans, inputs, labels, num_classes, activations,
-                                        cuts=src.cuts, features=src.features)
+                                        cuts=src.cuts, features=src.features, stitch_inputs=src.stitch_inputs,
+                                        stitch_activations=stitch_acts)
             t_fit += time.perf_counter() - t1
             t1 = time.perf_counter()
             # the head was fitted on forward_features of these very images: the feature proxies reuse them
@@ -510,7 +545,9 @@ def reassemble(
                               best_single, skipped)
     if out_dir is not None:
         t0 = time.perf_counter()
-        save_ranked(best, ws, Path(out_dir), target, classes, max_gflops, max_params_m, proxy, seed)
+        save_ranked(best, ws, Path(out_dir), target, classes, max_gflops, max_params_m, proxy, seed,
+                    stitch_images=(len(next(iter(src.stitch_inputs.values()))) if src.stitch_inputs
+                                   else len(labels)))
         write_pareto(result, Path(out_dir) / "pareto.png", proxy)
         timings["save"] = time.perf_counter() - t0
     return result
@@ -536,15 +573,19 @@ def _default_probe() -> str:
 def build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain: list[StagePlan],
                 inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
                 activations: dict[tuple[str, str | None], torch.Tensor] | None = None, *,
-                cuts: dict[str, Any] | None = None) -> ReassembledModel:
+                cuts: dict[str, Any] | None = None, stitch_inputs: dict[str, torch.Tensor] | None = None
+                ) -> ReassembledModel:
     """Build a chain from pretrained blocks, fit its stitches (ridge) and its head (closed form).
 
     ``activations`` caches native cut-point activations across the chains of one run, so a junction
     shared by several top-N chains runs its models' prefixes once (up to :data:`ACTIVATION_CACHE_BYTES`).
     ``cuts`` maps a model name to the dissection of its headless copy (:attr:`Sources.cuts`); blocks of
     those models are cut from it instead of re-dissecting the model for every stage of every chain.
+    ``stitch_inputs``: other (unlabelled) images per model to fit the stitches on; the labels are
+    only ever used for the head.
     """
-    return _build_chain(models, dissections, chain, inputs, labels, num_classes, activations, cuts=cuts)[0]
+    return _build_chain(models, dissections, chain, inputs, labels, num_classes, activations, cuts=cuts,
+                        stitch_inputs=stitch_inputs)[0]
 
 
 def _cutter(models: dict[str, nn.Module], cuts: dict[str, Any]):
@@ -562,20 +603,31 @@ def _cutter(models: dict[str, nn.Module], cuts: dict[str, Any]):
 def _build_chain(models: dict[str, nn.Module], dissections: dict[str, Any], chain: list[StagePlan],
                  inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
                  activations: dict[tuple[str, str | None], torch.Tensor] | None = None, *,
-                 cuts: dict[str, Any] | None = None, features: dict[str, torch.Tensor] | None = None
+                 cuts: dict[str, Any] | None = None, features: dict[str, torch.Tensor] | None = None,
+                 stitch_inputs: dict[str, torch.Tensor] | None = None,
+                 stitch_activations: dict[tuple[str, str | None], Any] | None = None,
                  ) -> tuple[ReassembledModel, torch.Tensor]:
     """:func:`build_chain`, also returning the ``(N, D)`` features the head was fitted on.
 
     ``features``: pre-logits features of whole source models on their inputs (:attr:`Sources.features`).
+    ``stitch_activations``: the cache of native activations on ``stitch_inputs`` (same role as
+    ``activations`` for ``inputs``).
     """
     activations = {} if activations is None else activations
+    if stitch_inputs is None:
+        stitch_inputs, stitch_activations = inputs, activations
+    elif stitch_activations is None:
+        stitch_activations = {}
 
-    def native(model_name: str, node: str | None) -> torch.Tensor:
+    def native(model_name: str, node: str | None) -> torch.Tensor | list[torch.Tensor]:
         key = (model_name, node)
-        if key in activations:
-            return activations[key]
-        out = _activation(models[model_name], dissections[model_name], node, inputs[model_name])
-        _cache_put(activations, key, out)
+        if key in stitch_activations:
+            return stitch_activations[key]
+        x = stitch_inputs[model_name]
+        out = [_activation(models[model_name], dissections[model_name], node, x[i:i + STITCH_BATCH])
+               for i in range(0, x.shape[0], STITCH_BATCH)]
+        out = out[0] if len(out) == 1 else out
+        _cache_put(stitch_activations, key, out)
         return out
 
     project = []
@@ -619,7 +671,8 @@ def _budget_text(max_gflops: float | None, max_params_m: float | None) -> str:
 
 
 def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes: list[str],
-                max_gflops, max_params_m, proxy: str, seed: int, kind: str = "reassembled") -> Path:
+                max_gflops, max_params_m, proxy: str, seed: int, kind: str = "reassembled",
+                stitch_images: int | None = None) -> Path:
     """Save a built chain as a model folder: recipe, weights and model card.
 
     ``kind`` is ``reassembled`` or ``single`` (one zoo model with a new head, ``surgery baseline``);
@@ -649,6 +702,8 @@ def save_ranked(best: Ranked, ws: Workspace, out_dir: Path, target: str, classes
         "workspace": str(ws.root),
         "kind": kind,
     }
+    if stitch_images is not None:
+        recipe["stitch_images"] = stitch_images  # images the stitches' least squares saw (labels unused)
     rows = "\n".join(f"| {k} | {s.model} | {s.start or '(input)'} → {s.end or '(pre-logits)'} |"
                      for k, s in enumerate(best.stages))
     made = (f"# Single zoo model with a new head\n\nBuilt by `surgery baseline` from `{first.model}`"

@@ -60,12 +60,14 @@ def _project(stages) -> list[bool | None]:
 def _reference(ws, stages, data: str = "digits", proxy: str = PROXY):
     """(model, proxy score, MACs, inputs of the first model) built the plain way, nothing shared."""
     images, labels, classes = R._target_batches(data, 0, SAMPLES)
+    unlabeled = R._unlabeled_images(data, 0, R.DEFAULT_UNLABELED)  # the stitches' images (labels unused)
     names = sorted({s.model for s in stages})
-    models, inputs, cuts = {}, {}, {}
+    models, inputs, cuts, stitch_inputs = {}, {}, {}, {}
     for n in names:
         _, manifest, model = load_model_entry(Workspace(ws), n)
         models[n] = model
         inputs[n] = R._transform(manifest)(images)
+        stitch_inputs[n] = R._transform(manifest)(unlabeled)
         cuts[n] = dissect(model, tuple(manifest["settings"]["input_size"]), name=n,
                           granularity=manifest["settings"]["granularity"])
     project = _project(stages)
@@ -76,9 +78,10 @@ def _reference(ws, stages, data: str = "digits", proxy: str = PROXY):
             if project[k - 1] is None:
                 continue
             prev, cur = stages[k - 1], stages[k]
-            donor = cuts[prev.model].split([prev.end])[0](inputs[prev.model])
-            receiver = (inputs[cur.model] if cur.start is None
-                        else cuts[cur.model].split([cur.start])[0](inputs[cur.model]))
+            batches = [(stitch_inputs[prev.model][i:i + R.STITCH_BATCH], stitch_inputs[cur.model][i:i + R.STITCH_BATCH])
+                       for i in range(0, len(unlabeled), R.STITCH_BATCH)]
+            donor = [cuts[prev.model].split([prev.end])[0](a) for a, _ in batches]
+            receiver = [b if cur.start is None else cuts[cur.model].split([cur.start])[0](b) for _, b in batches]
             fit_stitch(next(stitches), donor, receiver)
     head = make_head(spec, len(classes))
     model = ReassembledModel(parts, roles, head).eval()

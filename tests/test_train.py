@@ -199,7 +199,7 @@ def test_metrics_and_checkpoint_files(tmp_path):
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 3 and state["step"] == 12
     fresh = conv_net()
-    opt = torch.optim.AdamW(_param_groups(fresh, list(fresh.parameters()), 0.05))
+    opt = torch.optim.AdamW(_param_groups(fresh, list(fresh.parameters()), 0.05, 1e-3))
     opt.load_state_dict(state["optimizer"])  # the optimizer state round-trips through weights_only
     assert len(opt.state) == len(list(fresh.parameters()))
 

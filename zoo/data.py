@@ -84,7 +84,7 @@ _TEST_SPLIT_SEED = 20_231_109
 _PER_CLASS_SEED = 7_919
 _NAMED_SOURCES = ("fashion-mnist", "digits", "cifar10", "cifar100")
 _OPTIONS = ("classes", "per_class", "train_per_class")
-_SPLITS = ("train", "val", "test")
+_SPLITS = ("train", "val", "test", "unlabeled")
 
 # ---------------------------------------------------------------------------------------- specs
 
@@ -429,6 +429,7 @@ def load_splits(
     *,
     download: bool = False,
     root: str | os.PathLike | None = None,
+    unlabeled: bool = False,
 ) -> dict[str, ImageDataset]:
     """Load the ``train``, ``val`` and ``test`` splits of a data spec at once (one read of the files).
 
@@ -438,9 +439,13 @@ def load_splits(
         val_fraction: stratified fraction of the non-test samples that goes to ``val`` (``0 <= f < 1``).
         download: let torchvision download CIFAR when it is not under ``root``.
         root: where CIFAR lives (default ``$SURGERY_DATA`` or ``~/.cache/surgery/data``).
+        unlabeled: also return ``"unlabeled"``: every training image before ``train_per_class``
+            caps the train split (the train split itself without the option), for label-free fits
+            such as stitches; its labels are carried but must not be used.
 
     Returns:
-        ``{"train": ..., "val": ..., "test": ...}``; ``val`` is empty when ``val_fraction`` is 0.
+        ``{"train": ..., "val": ..., "test": ...}`` (and ``"unlabeled"``); ``val`` is empty when
+        ``val_fraction`` is 0.
 
     Raises:
         DataError: missing or unreadable source, bad option, bad fraction.
@@ -470,14 +475,20 @@ def load_splits(
     rng = np.random.default_rng(seed)
     is_val = _stratified_holdout(dev_labels, val_fraction, rng)
     train_idx, train_labels = dev_idx[~is_val], dev_labels[~is_val]
+    pool_idx, pool_labels = train_idx, train_labels
     if parsed.train_per_class is not None:  # few labels: cap the train split only, after val is drawn
         keep = _rank_within_class(train_labels, rng) < parsed.train_per_class
         train_idx, train_labels = train_idx[keep], train_labels[keep]
-    return {
+    splits = {
         "train": _dataset(source, source.dev, train_idx, train_labels, class_ids, {**base, "split": "train"}),
         "val": _dataset(source, source.dev, dev_idx[is_val], dev_labels[is_val], class_ids, {**base, "split": "val"}),
         "test": _dataset(source, test_pool, test_idx, test_labels, class_ids, {**base, "split": "test"}),
     }
+    if unlabeled:
+        # every training image before the few-label cap; its labels must not be used (label-free fits)
+        splits["unlabeled"] = _dataset(source, source.dev, pool_idx, pool_labels, class_ids,
+                                       {**base, "split": "unlabeled"})
+    return splits
 
 
 def load_split(
@@ -493,7 +504,7 @@ def load_split(
 
     Args:
         spec: a data spec string (module docstring) or a parsed :class:`DataSpec`.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"unlabeled"`` (see :func:`load_splits`).
         seed: seed of the train/val split; the test split never depends on it.
         val_fraction: stratified fraction of the non-test samples that goes to ``val``.
         download: let torchvision download CIFAR when it is not under ``root``.
@@ -506,10 +517,10 @@ def load_split(
         DataError: unknown split, missing source, bad option, or an empty ``val`` split.
     """
     if split not in _SPLITS:
-        raise DataError(f"unknown split {split!r}: use train, val or test")
+        raise DataError(f"unknown split {split!r}: use train, val, test or unlabeled")
     if split == "val" and val_fraction <= 0:
         raise DataError("the val split is empty with val_fraction=0")
-    return load_splits(spec, seed, val_fraction, download=download, root=root)[split]
+    return load_splits(spec, seed, val_fraction, download=download, root=root, unlabeled=split == "unlabeled")[split]
 
 
 # ---------------------------------------------------------------------------------------- datasets

@@ -61,7 +61,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -302,16 +302,25 @@ def _frozen_norms(model: nn.Module, trainable_ids: set[int], freeze: str) -> lis
     return norms
 
 
-def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """timm's split: no weight decay on biases, 1-D tensors (norms, scales) and ``no_weight_decay()`` names."""
+def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float, lr: float,
+                  lr_scale: Mapping[nn.Parameter, float] | None = None) -> list[dict[str, Any]]:
+    """timm's split: no weight decay on biases, 1-D tensors (norms, scales) and ``no_weight_decay()`` names.
+
+    ``lr_scale`` maps parameters to a multiplier of ``lr`` (default 1): one group per (decay, scale),
+    each starting at ``lr * scale``; the schedule multiplies every group's initial lr, as timm's
+    layer-wise ``lr_scale`` groups do.
+    """
     skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = [], []
+    scales = {id(p): float(s) for p, s in (lr_scale or {}).items()}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in params:
         name = names.get(id(p), "")
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        groups.setdefault((decay, scales.get(id(p), 1.0)), []).append(p)
+    order = sorted(groups, key=lambda key: (not key[0], -key[1]))  # decay first, then by scale
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "lr": lr * key[1]}
+            for key in order]
 
 
 # ---------------------------------------------------------------------------- data and devices
@@ -444,6 +453,7 @@ def train(
     resume: bool = False,
     trainable: Callable[[nn.Module], Iterable[nn.Parameter]] | Iterable[nn.Parameter] | None = None,
     task: Task | None = None,
+    lr_scale: Mapping[nn.Parameter, float] | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Train a classifier in place with AdamW, warm-up + cosine, label smoothing, optional EMA and AMP.
@@ -461,6 +471,9 @@ def train(
         trainable: override of which parameters train (see the module docstring).
         task: ``task(model, x, y) -> {"loss", "output", terms...}``; default
             :func:`classification_task` with ``config.label_smoothing`` (see the module docstring).
+        lr_scale: per-parameter multipliers of ``config.lr`` (e.g. pretrained blocks at 0.1 next to
+            new stitches at 1); parameters not in it train at ``config.lr``. Pass the same mapping
+            when resuming.
         quiet: print nothing.
 
     Returns:
@@ -508,7 +521,7 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay, config.lr, lr_scale), lr=config.lr)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     ema = make_ema(model, config) if config.ema else None
