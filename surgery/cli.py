@@ -312,6 +312,9 @@ def reassemble(
     proxy: Annotated[str, typer.Option(help="linear | logme | naswot | params (linear: the best predictor of "
                                        "fine-tuned accuracy in the README's transfer benchmark).")] = "linear",
     solver: Annotated[str, typer.Option(help="cbc (bundled) | highs.")] = "cbc",
+    unlabeled: Annotated[int, typer.Option(min=0, help=(
+        "Fit the stitches on up to N training images of --data with labels ignored (all of them before a "
+        "train_per_class cap); 0: on the labelled images only."))] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of every random draw.")] = 0,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = Path("reassembled"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -328,7 +331,7 @@ def reassemble(
         data_note = _default_target(workdir)
         log(f"no --data: the target is {data_note} (the head keeps its classes); pass --data for your task")
     result = run(workdir, max_gflops=max_gflops, max_params_m=max_params, data=data, stages=stages, top=top,
-                 proxy=proxy, solver=solver, seed=seed, out_dir=out, log=log)
+                 proxy=proxy, solver=solver, seed=seed, unlabeled=unlabeled, out_dir=out, log=log)
     single = result.best_single
     if as_json:
         print(json_text({"out": str(out), "proxy": proxy, "timings": result.timings,
@@ -531,6 +534,65 @@ def incubate(
                               init=init, quiet=as_json)
     if as_json:
         print(json_text(manifest))
+
+
+@app.command(epilog="Example: surgery align my-model --data digits --epochs 2,4 --teacher convnext-fm59")
+def align(
+    model_dir: Annotated[Path, typer.Argument(help="A model folder of 'surgery reassemble' (or 'baseline').")],
+    data: Annotated[str, typer.Option(help="Target data; its classes must be the model's.")],
+    epochs: Annotated[str, typer.Option(help="MT,FT epochs: each stage inside the meta model, then end to end.")
+                      ] = "2,4",
+    meta: Annotated[str, typer.Option(help="truncated (donor blocks cut down, no training) | pretrain (the same, "
+                                           "trained end to end first for MT epochs).")] = "truncated",
+    train: Annotated[str, typer.Option(help="What MT trains: stitches (and the head) | norms (also norm weights) | "
+                                            "blocks (everything; blocks at --block-lr-scale).")] = "stitches",
+    block_lr_scale: Annotated[float, typer.Option(help="Learning-rate multiplier of block weights (--train blocks).")
+                              ] = 0.1,
+    teacher: Annotated[str | None, typer.Option(help="Distil from this model folder or zoo model of the workspace "
+                                                     "(0.5 CE + 0.5 KL, temperature 1, as m2mKD).")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (with --teacher).")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature (with --teacher).")] = 1.0,
+    frozen_warmup: Annotated[int, typer.Option(min=0, help="First FT epochs with the blocks frozen.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch, every phase.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and order.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
+) -> None:
+    """Align a reassembled model's stitches by module incubation, then fine-tune it; the folder is updated in place.
+
+    Each stage (a donor block and the stitch after it) trains on its own inside a frozen meta model made of the other stages' donor blocks cut down to their interfaces; the stages are assembled, their batch-norm statistics re-estimated on target images, and the chain fine-tuned end to end. The model card records each step's accuracy; every phase resumes after an interruption (rerun the same command).
+    """  # noqa: E501  (one paragraph: the help text keeps the docstring's line breaks)
+    from surgery.training.align_run import align as run_align
+    from surgery.training.align_run import parse_epochs
+
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number (got {lr})")
+    if meta not in ("truncated", "pretrain"):
+        fail(f"--meta must be truncated or pretrain (got {meta!r})")
+    if train not in ("stitches", "norms", "blocks"):
+        fail(f"--train must be stitches, norms or blocks (got {train!r})")
+    say = (lambda msg: err_console.print(msg, highlight=False))
+    manifest = run_align(model_dir, data, epochs=parse_epochs(epochs), meta=meta, train=train,
+                         block_lr_scale=block_lr_scale, teacher=teacher, alpha=alpha, temperature=temperature,
+                         frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr, seed=seed, quiet=as_json, log=say)
+    if as_json:
+        print(json_text(manifest))
+        return
+    p = manifest["phases"]
+    table = Table(title=f"{model_dir}: alignment on {data} (val top-1 %)")
+    table.add_column("step")
+    table.add_column("val", justify="right")
+    pct = (lambda x: f"{100 * x:.1f}" if isinstance(x, (int, float)) else "-")
+    table.add_row("reassembled", pct(p["start"]["val_acc"]))
+    table.add_row("meta model", pct(p["meta"].get("val_acc", p["meta"].get("val_acc_closed_form"))))
+    for k in range(manifest["stages"]):
+        rec = p[f"mt_{k}"]
+        table.add_row(f"MT {k + 1}", "skipped" if "skipped" in rec else pct(rec.get("val_acc")))
+    table.add_row("assembled, norms recalibrated", pct(p["assemble"]["val_acc_recalibrated"]))
+    table.add_row("fine-tuned", pct(p["final"]["val_acc"]))
+    console.print(table)
+    console.print(f"test top-1 {pct(p['final']['test_acc'])} %; written: {model_dir}/ (model.safetensors, "
+                  "config.json, README.md); run in align/", highlight=False)
 
 
 def _json_kwargs(text: str | None, flag: str) -> dict:

@@ -45,7 +45,7 @@ from surgery.spec import TensorSpec
 
 __all__ = [
     "ModulePlan", "MetaPlan", "ModuleChain", "IncubationHybrid", "plan_modules", "auto_meta", "meta_from_model",
-    "module_state", "load_module_states", "recalibrate_norms", "init_from_meta",
+    "module_state", "load_module_states", "recalibrate_norms", "init_from_meta", "shallow_indices",
 ]
 
 
@@ -167,6 +167,27 @@ def _same_spec(a: TensorSpec, b: TensorSpec) -> bool:
     return a.to_dict() == b.to_dict()
 
 
+def shallow_indices(infos: Sequence[Any]) -> list[int]:
+    """Which of a run of consecutive blocks a shallow stand-in keeps: every block that changes the tensor
+    spec (stem, downsampling, patch merging, head) plus the first shape-preserving one.
+
+    Args:
+        infos: the blocks' metadata (``in_spec`` / ``out_spec``), consecutive.
+
+    Returns:
+        Indices into ``infos``, increasing; chained, the kept blocks map the run's input spec to its
+        output spec (the dropped ones preserve the spec).
+    """
+    keep, kept_plain = [], False
+    for i, info in enumerate(infos):
+        if not _same_spec(info.in_spec, info.out_spec):
+            keep.append(i)
+        elif not kept_plain:
+            keep.append(i)
+            kept_plain = True
+    return keep
+
+
 def auto_meta(d_meta: Dissection, plan: ModulePlan) -> tuple[list[nn.Module], MetaPlan]:
     """The automatic meta model: each module reduced to its spec-changing blocks plus one other block.
 
@@ -187,16 +208,7 @@ def auto_meta(d_meta: Dissection, plan: ModulePlan) -> tuple[list[nn.Module], Me
     if len(info) < plan.blocks[-1][1]:
         raise SurgeryError(f"{d_meta.name}: the meta instance has {len(info)} blocks, the target "
                            f"{plan.blocks[-1][1]}; build it from the same architecture")
-    chosen: list[list[int]] = []
-    for s, e in plan.blocks:
-        keep, kept_plain = [], False
-        for i in range(s, e):
-            if not _same_spec(info[i].in_spec, info[i].out_spec):
-                keep.append(i)
-            elif not kept_plain:
-                keep.append(i)
-                kept_plain = True
-        chosen.append(keep)
+    chosen = [[s + i for i in shallow_indices(info[s:e])] for s, e in plan.blocks]
     modules = [_chain([d_meta.blocks[i] for i in keep]) for keep in chosen]
     meta = MetaPlan(blocks=chosen, macs=[int(sum(info[i].macs for i in keep)) for keep in chosen],
                     params=[int(sum(info[i].params for i in keep)) for keep in chosen], source="auto")
@@ -359,7 +371,8 @@ def load_module_states(model: nn.Module, states: Sequence[dict[str, torch.Tensor
     model.load_state_dict(merged, strict=True)
 
 
-def recalibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: int = 20) -> int:
+def recalibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: int = 20,
+                      only: Iterable[nn.Module] | None = None) -> int:
     """Re-estimate every batch-norm layer's running statistics on ``batches`` (no weight changes).
 
     Module k's batch-norm statistics were collected on the meta model's activations; once the
@@ -372,17 +385,40 @@ def recalibrate_norms(model: nn.Module, batches: Iterable[Any], *, max_batches: 
         model: the assembled model; its train/eval mode is restored afterwards.
         batches: ``(inputs, targets)`` batches of target images (targets unused).
         max_batches: at most this many batches are used.
+        only: recalibrate just these modules' batch-norm layers; every other layer keeps its
+            statistics and runs in eval mode (torch's ``update_bn`` resets all of them, hence the
+            short loop of our own here).
 
     Returns:
         The number of batch-norm layers recalibrated (0: nothing to do, nothing run).
     """
     from torch.optim.swa_utils import update_bn
 
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    def bn_layers(root: nn.Module) -> list[nn.Module]:
+        return [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    norms = bn_layers(model) if only is None else [m for part in only for m in bn_layers(part)]
     if not norms:
         return 0
     device = next(model.parameters()).device
-    update_bn((b for _, b in zip(range(max_batches), batches, strict=False)), model, device=device)
+    feed = (b for _, b in zip(range(max_batches), batches, strict=False))
+    if only is None:
+        update_bn(feed, model, device=device)
+        model.eval()
+        return len(norms)
+    model.eval()
+    momenta = {}
+    for m in norms:  # a cumulative average over the batches, as update_bn does
+        m.reset_running_stats()
+        momenta[m] = m.momentum
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for batch in feed:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
     model.eval()
     return len(norms)
 
