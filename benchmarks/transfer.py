@@ -72,8 +72,11 @@ import torch  # noqa: E402
 TARGET = "digits"
 PROBE = "fashion-mnist"
 PROXIES = ("logme", "linear", "naswot")
-METHODS = ("reassembled", "best single", "scratch", "random chain", "random partition")
-TARGET_SAMPLES = 256  # reassemble()'s default: images for stitches, head and proxies
+METHODS = ("reassembled", "best single", "scratch", "random chain", "random partition", "aligned",
+           "aligned + teacher", "best single + teacher")
+TARGET_SAMPLES = 256  # reassemble()'s default: labelled images for head and proxies
+UNLABELED = 1024  # reassemble()'s default: unlabelled training images the stitches are fitted on
+KD_UNLABELED = 64  # unlabelled images per step in the "+ teacher" methods' distillation term
 # The proxy that picks the "reassembled" chain: reassemble()'s default, the linear probe, chosen because
 # this benchmark measured it as the best predictor of fine-tuned accuracy (Kendall tau-b +0.59 ± 0.07
 # against LogME's +0.48 ± 0.13 over 3 seeds, README). When this benchmark changes, re-measure and let
@@ -288,7 +291,8 @@ def random_chain(src, part, budget_macs: int, rng: np.random.Generator, tries: i
         if est > budget_macs * 1.02:
             continue
         try:
-            model = build_chain(src.models, src.dissections, chain, src.inputs, src.labels, num_classes)
+            model = build_chain(src.models, src.dissections, chain, src.inputs, src.labels, num_classes,
+                                stitch_inputs=src.stitch_inputs)
         except Exception as e:  # noqa: BLE001
             log(f"    random chain {chain_label(chain)} failed to build ({e}); drawing again")
             continue
@@ -301,13 +305,29 @@ def random_chain(src, part, budget_macs: int, rng: np.random.Generator, tries: i
 # ------------------------------------------------------------------------------------------ run
 
 
-def _finetune_job(folder: str, seed: int, epochs: int, threads: int, target: str) -> dict[str, Any]:
-    """One fine-tuning, in a worker process (module level so that it pickles; spawned workers do not
-    see ``--target``'s change of the module global, hence the argument)."""
+def align_epochs(epochs: int) -> tuple[int, int]:
+    """(MT, FT) epochs of the aligned methods: the same total as everyone's fine-tuning, a tenth in MT."""
+    mt = max(1, round(epochs / 10))
+    return mt, epochs - mt
+
+
+def _finetune_job(folder: str, seed: int, epochs: int, threads: int, target: str,
+                  align: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One fine-tuning (or with ``align``, ``surgery align`` with those options), in a worker process
+    (module level so that it pickles; spawned workers do not see ``--target``'s change of the module
+    global, hence the argument)."""
     torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if align is not None:
+        from surgery.training.align_run import align as run_align
+
+        m = run_align(folder, target, epochs=align_epochs(epochs), seed=seed, quiet=True, **align)
+        p = m["phases"]
+        return {"val": p["final"]["val_acc"], "best_val": p["ft"]["val_acc_best"], "test": p["final"]["test_acc"],
+                "assembled_val": p["assemble"]["val_acc_recalibrated"], "start_val": p["start"]["val_acc"],
+                "seconds": round(time.perf_counter() - t0, 1)}
     from surgery.training.finetune import finetune_model_dir
 
-    t0 = time.perf_counter()
     ft = finetune_model_dir(folder, target, epochs=epochs, seed=seed, quiet=True)
     return {"val": ft["last_val_acc"], "best_val": ft["best_val_acc"], "test": ft["test_top1"],
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -335,7 +355,7 @@ class Runner:
         self.reused = 0
         self.lock = threading.Lock()
 
-    def submit(self, key: str, folder: Path, seed: int) -> str:
+    def submit(self, key: str, folder: Path, seed: int, align: dict[str, Any] | None = None) -> str:
         if key in self.done and key not in self.futures:
             from concurrent.futures import Future
 
@@ -347,7 +367,7 @@ class Runner:
             log(f"    reusing the fine-tuning of {folder.relative_to(self.run_dir)} from an interrupted run")
         if key not in self.futures:
             self.folders[key] = folder
-            fut = self.pool.submit(_finetune_job, str(folder), seed, self.epochs, self.threads, TARGET)
+            fut = self.pool.submit(_finetune_job, str(folder), seed, self.epochs, self.threads, TARGET, align)
             fut.add_done_callback(lambda f, k=key: self._done(k, f))
             self.futures[key] = fut
         return key
@@ -361,10 +381,11 @@ class Runner:
                 self.done[key] = res
                 self.done_path.write_text(json.dumps(self.done, indent=1) + "\n")
 
-    def wait(self) -> dict[str, dict[str, Any]]:
+    def wait(self, shutdown: bool = True) -> dict[str, dict[str, Any]]:
         for key, fut in self.futures.items():
             self.results[key] = fut.result()  # a failed fine-tuning stops the benchmark here
-        self.pool.shutdown()
+        if shutdown:
+            self.pool.shutdown()
         return self.results
 
     @property
@@ -396,6 +417,40 @@ def recover_finetunes(run_dir: Path, epochs: int) -> None:
     log(f"  {len(done)} finished fine-tunings found in {run_dir}")
 
 
+def keep_copy(src: Path, dst: Path) -> None:
+    """A fresh copy of a model folder (an older run's copy is replaced)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("finetune", "align", "finetune.json", "pareto.png"))
+
+
+def submit_teacher_jobs(seeds_out: list[dict[str, Any]], runner: Runner) -> None:
+    """Second round, once the best singles are known: align the reassembled model and the best single
+    model itself, each from its state before fine-tuning, with the fine-tuned best single as teacher
+    (distillation on labelled and unlabelled images alike): the same extra signal for both."""
+    for s in seeds_out:
+        seed = s["seed"]
+        for budget in sorted({r["budget"] for r in s["rows"]}):
+            here = {r["method"]: r for r in s["rows"] if r["budget"] == budget}
+            single = here["best single"]
+            if single.get("job") is None:
+                continue
+            name = single["model"]
+            teacher = runner.folders[single["job"]]
+            opts = {"teacher": str(teacher), "kd_unlabeled": KD_UNLABELED}
+            base = Path(here["aligned + teacher"]["pre"]).parent
+            for method, pre in (("aligned + teacher", Path(here["aligned + teacher"]["pre"])),
+                                ("best single + teacher", teacher.parent / f"{name}-pre")):
+                folder = base / ("aligned-teacher" if method.startswith("aligned") else f"single-teacher-{name}")
+                keep_copy(pre, folder)
+                stages = here["reassembled"]["chain"] if method.startswith("aligned") else name
+                key = f"{seed}|teacher:{name}|{method}|{stages}|{budget}"
+                r = here[method]
+                r["job"] = runner.submit(key, folder, seed, align=opts)
+                r["teacher"] = name
+                if method.startswith("best single"):
+                    r.update(chain=single["chain"], params=single["params"], macs=single["macs"], model=name)
+
+
 def job_key(seed: int, kind: str, stages) -> str:
     return f"{seed}|{kind}|" + ";".join(f"{m}:{a}:{b}" for m, a, b in signature(stages))
 
@@ -413,7 +468,7 @@ def resolve(seeds_out: list[dict[str, Any]], results: dict[str, dict[str, Any]])
                     best = max(r["fitting"], key=lambda f: f["val"])
                     r.update(model=best["model"], chain=best["chain"], params=best["params"], macs=best["macs"],
                              job=best["job"], val=best["val"], test=best["test"])
-            elif r["job"] is not None:
+            elif r["job"] is not None and r["job"] in results:
                 r.update(val=results[r["job"]]["val"], test=results[r["job"]]["test"])
 
 
@@ -428,7 +483,7 @@ def run_seed(seed: int, ws, part, budgets: list[float], args, runner: Runner, ra
     rows: list[dict[str, Any]] = []  # one per (method, budget)
     cands: dict[tuple, dict[str, Any]] = {}  # pretrained candidates for Kendall tau, by chain signature
     t0 = time.perf_counter()
-    src = load_sources(ws, part, TARGET, seed, TARGET_SAMPLES, with_quality=False)
+    src = load_sources(ws, part, TARGET, seed, TARGET_SAMPLES, with_quality=False, unlabeled=UNLABELED)
     log(f"  seed {seed}: sources loaded ({time.perf_counter() - t0:.0f} s)")
 
     def candidate(stages, model, macs, folder: Path, tag: str) -> dict[str, Any]:
@@ -454,7 +509,8 @@ def run_seed(seed: int, ws, part, budgets: list[float], args, runner: Runner, ra
             ranked.model = None
             singles.append((name, ranked, c))
         del model
-    for _, ranked, c in singles:
+    for name, ranked, c in singles:
+        keep_copy(c["folder"], out / "single" / f"{name}-pre")  # before its fine-tuning: the "+ teacher" start
         c["job"] = runner.submit(job_key(seed, "pre", ranked.stages), c["folder"], seed)
 
     rng = np.random.default_rng([seed, 12345])
@@ -472,13 +528,20 @@ def run_seed(seed: int, ws, part, budgets: list[float], args, runner: Runner, ra
         # 1. reassembled (program + proxy)
         t1 = time.perf_counter()
         res = reassemble(ws.root, max_gflops=budget, data=TARGET, top=args.top, seed=seed, proxy=PICK_PROXY,
-                         target_samples=TARGET_SAMPLES, out_dir=bdir / "reassembled")
+                         target_samples=TARGET_SAMPLES, unlabeled=UNLABELED, out_dir=bdir / "reassembled")
         log(f"  seed {seed} budget {budget:.4f}: reassembled {len(res.ranked)} chain(s) "
             f"({time.perf_counter() - t1:.0f} s); pick {chain_label(res.ranked[0].stages)}")
         best = res.ranked[0]
         c = candidate(best.stages, best.model, best.macs, bdir / "reassembled", f"reassembled b{b_i}")
+        # copies before its fine-tuning changes the folder: aligned now, "+ teacher" once the best single is known
+        keep_copy(bdir / "reassembled", bdir / "aligned")
+        keep_copy(bdir / "reassembled", bdir / "reassembled-pre")
         c["job"] = runner.submit(job_key(seed, "pre", best.stages), c["folder"], seed)
         row("reassembled", best.stages, best.params, best.macs, c["job"], proxy=best.proxy)
+        ajob = runner.submit(job_key(seed, "align", best.stages), bdir / "aligned", seed, align={})
+        row("aligned", best.stages, best.params, best.macs, ajob)
+        row("aligned + teacher", best.stages, best.params, best.macs, None, pre=str(bdir / "reassembled-pre"))
+        row("best single + teacher", None, 0, 0, None)
         if first_seed:  # more of the top-N, for the proxy rank correlation
             for j, r in enumerate(res.ranked[1:1 + args.extra_top], start=1):
                 sig = signature(r.stages)
@@ -590,38 +653,41 @@ def kendall_rows(seeds_out: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return rows, n_first
 
 
-def observations(rows: list[dict[str, Any]], budgets: list[float]) -> list[str]:
+def observations(rows: list[dict[str, Any]], budgets: list[float], subject: str = "reassembled",
+                 against: tuple[str, ...] | None = None) -> list[str]:
     lines = []
+    against = against or tuple(m for m in METHODS if m != subject)
     for budget in budgets:
-        by = {m: [r["test"] for r in rows if r["budget"] == budget and r["method"] == m] for m in METHODS}
+        by = {m: [r["test"] for r in rows if r["budget"] == budget and r["method"] == m]
+              for m in (subject, *against)}
         means = {m: mean_std(v)[0] for m, v in by.items() if any(x is not None for x in v)}
-        if "reassembled" not in means:
+        if subject not in means:
             continue
-        ra, ra_s = mean_std(by["reassembled"])
-        better = [m for m in means if m != "reassembled" and means[m] >= ra]
-        wins = [m for m in means if m != "reassembled" and means[m] < ra]
+        ra, ra_s = mean_std(by[subject])
+        better = [m for m in means if m != subject and means[m] >= ra]
+        wins = [m for m in means if m != subject and means[m] < ra]
         seeds = sorted({r["seed"] for r in rows})
         per_seed = {}
-        for m in METHODS:
-            if m == "reassembled" or m not in means:
+        for m in against:
+            if m not in means:
                 continue
             n_win = 0
             for s in seeds:
                 here = [r for r in rows if r["budget"] == budget and r["seed"] == s]
-                a = [r["test"] for r in here if r["method"] == "reassembled"]
+                a = [r["test"] for r in here if r["method"] == subject]
                 b = [r["test"] for r in here if r["method"] == m]
                 if a and b and a[0] is not None and b[0] is not None and a[0] > b[0]:
                     n_win += 1
             per_seed[m] = n_win
-        head = f"- {budget:.4f} GFLOPs: reassembled {100 * ra:.1f} ± {100 * ra_s:.1f}%"
+        head = f"- {budget:.4f} GFLOPs: {subject} {100 * ra:.1f} ± {100 * ra_s:.1f}%"
         if better:
-            head += (". Reassembly does NOT win here: " + ", ".join(
+            head += (f". {subject} does NOT win here: " + ", ".join(
                 f"{m} {100 * means[m]:.1f}%" for m in sorted(better, key=lambda m: -means[m])) + " is at least as good")
         else:
-            head += ". Best mean of the five methods"
+            head += f". Best mean of the {len(means)} methods compared"
         if wins:
             head += "; ahead of " + ", ".join(f"{m} {100 * means[m]:.1f}%" for m in wins)
-        head += ". Seeds where reassembled beats each: " + ", ".join(
+        head += f". Seeds where {subject} beats each: " + ", ".join(
             f"{m} {w}/{len(seeds)}" for m, w in per_seed.items()) + "."
         lines.append(head)
     return lines
@@ -635,7 +701,8 @@ def write_plot(rows: list[dict[str, Any]], singles: list[dict[str, Any]], budget
     import matplotlib.pyplot as plt
 
     colors = {"reassembled": "tab:red", "best single": "tab:blue", "scratch": "tab:gray",
-              "random chain": "tab:orange", "random partition": "tab:purple"}
+              "random chain": "tab:orange", "random partition": "tab:purple", "aligned": "tab:green",
+              "aligned + teacher": "darkgreen", "best single + teacher": "navy"}
     markers = ["o", "s", "^", "D"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for s in singles:  # every fine-tuned single zoo model, each seed
@@ -690,6 +757,17 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         "full fine-tuning. Test top-1 is the model after the last epoch; the best single is chosen by that "
         "model's validation accuracy.",
         "",
+        f"Stitches (reassembled, random chain, random partition) are fitted by least squares on up to {UNLABELED} "
+        "training images of the target with their labels ignored (`reassemble --unlabeled`; before a "
+        "`train_per_class` cap, i.e. images nobody labelled). `aligned` is `surgery align` on the reassembled "
+        f"folder with the same total epochs: {align_epochs(data['epochs'])[0]} epoch(s) of each stage's stitches "
+        "inside the truncated-donor meta model (MT), the rest end-to-end fine-tuning with the recipe above. "
+        "`aligned + teacher` and `best single + teacher` start from the reassembled model and from the best "
+        "single model *before* fine-tuning and run the same alignment with the fine-tuned best single as "
+        f"teacher (0.5 CE + 0.5 KL, T = 1, each step's distillation term also on {KD_UNLABELED} unlabelled "
+        "images): both get the same extra signal and cost the teacher's fine-tuning on top, so compare them "
+        "with each other.",
+        "",
         "Command:",
         "",
         "```",
@@ -727,7 +805,10 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
                 f"| {budget:.4f} | {m} | {fmt_ms([r['test'] for r in ok])} | {fmt_ms([r['val'] for r in ok])} | "
                 f"{statistics.fmean(r['params'] for r in ok) / 1e6:.3f} | "
                 f"{statistics.fmean(r['macs'] for r in ok) / 1e9:.4f} | {chain} |")
-    lines += ["", "Observations (computed from the table):", ""] + observations(rows, budgets)
+    base = ("reassembled", "best single", "scratch", "random chain", "random partition")
+    lines += ["", "Observations (computed from the table):", ""] + observations(rows, budgets, against=base[1:])
+    lines += observations(rows, budgets, "aligned", ("reassembled", "best single"))
+    lines += observations(rows, budgets, "aligned + teacher", ("best single + teacher", "best single", "aligned"))
 
     # singles detail
     lines += ["", "## Single zoo models (new head, same fine-tuning), test top-1 (%) per seed", "",
@@ -850,6 +931,9 @@ def main(argv: list[str] | None = None) -> None:
                                   first_seed=i == 0))
         log(f"seed {seed} built ({seeds_out[-1]['seconds']:.0f} s; {runner.count} fine-tunes queued)")
     log("waiting for the fine-tunings")
+    resolve(seeds_out, runner.wait(shutdown=False))
+    log("second round: aligned + teacher, best single + teacher (the fine-tuned best single teaches both)")
+    submit_teacher_jobs(seeds_out, runner)
     resolve(seeds_out, runner.wait())
 
     singles_table: dict[str, dict[str, Any]] = {}

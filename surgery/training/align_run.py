@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -36,6 +37,7 @@ SCHEMA = "surgery.align/1"
 RUN_DIR = "align"
 RESULT = "result.json"
 RECAL_BATCHES = 20
+KD_POOL = 4096  # unlabelled images held for the distillation term (prepared once, on the CPU)
 
 
 class AlignSpec(BaseModel):
@@ -50,6 +52,8 @@ class AlignSpec(BaseModel):
         block_lr_scale: learning-rate multiplier of block weights with ``train="blocks"``.
         teacher: a model folder or a zoo model of the workspace to distil from (None: labels only).
         alpha / temperature: weight of the distillation term and its temperature (m2mKD: 0.5, 1).
+        kd_unlabeled: unlabelled target images added to every step's distillation term (with a
+            teacher; the labels of the target's unlabelled pool are never read).
         batch_size, lr, seed: the training recipe (lr: peak AdamW learning rate).
     """
 
@@ -65,6 +69,7 @@ class AlignSpec(BaseModel):
     teacher: str | None = None
     alpha: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
+    kd_unlabeled: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
@@ -161,15 +166,24 @@ def _single_recipe(ws, built) -> dict[str, Any]:
             "std": list(cfg.get("std") or (0.229, 0.224, 0.225))}
 
 
-def _task(spec: AlignSpec, teacher, label_smoothing: float):
+def _task(spec: AlignSpec, teacher, label_smoothing: float, loaders):
     from surgery.training.distill import distillation_task
     from surgery.training.loop import classification_task
 
     if teacher is None:
         return classification_task(label_smoothing)
     model, conv, _ = teacher
+    unlabeled = None
+    if spec.kd_unlabeled:
+        images = []
+        for x, _ in loaders["unlabeled"]:  # labels dropped here
+            images.append(x)
+            if sum(len(i) for i in images) >= KD_POOL:
+                break
+        unlabeled = torch.cat(images)[:KD_POOL]
     return distillation_task(model, alpha=spec.alpha, temperature=spec.temperature,
-                             label_smoothing=label_smoothing, converter=conv)
+                             label_smoothing=label_smoothing, converter=conv, unlabeled=unlabeled,
+                             unlabeled_batch=spec.kd_unlabeled)
 
 
 def _config(spec: AlignSpec, epochs: int, *, warmup: float, freeze: str = "none"):
@@ -238,15 +252,17 @@ def _check_run(run: Path, spec: AlignSpec) -> dict[str, Any] | None:
 
 def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = (2, 4), meta: str = "truncated",
           train: str = "stitches", block_lr_scale: float = 0.1, teacher: str | None = None, alpha: float = 0.5,
-          temperature: float = 1.0, frozen_warmup: int = 0, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-          quiet: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          temperature: float = 1.0, kd_unlabeled: int = 0, frozen_warmup: int = 0, batch_size: int = 64,
+          lr: float = 1e-3, seed: int = 0, quiet: bool = False, log: Callable[[str], None] | None = None
+          ) -> dict[str, Any]:
     """Align and fine-tune a reassembled model folder in place (module docstring).
 
     Args:
         model_dir: a folder written by ``surgery reassemble`` (or ``baseline``).
         data: target data; its classes must be the model's.
         epochs: ``(MT, FT)``: epochs of each stage job and of the end-to-end fine-tuning.
-        meta, train, block_lr_scale, teacher, alpha, temperature, frozen_warmup, batch_size, lr, seed:
+        meta, train, block_lr_scale, teacher, alpha, temperature, kd_unlabeled, frozen_warmup, batch_size, lr,
+            seed:
             see :class:`AlignSpec`.
         quiet: no progress bars.
         log: one-line phase announcements.
@@ -267,7 +283,8 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     try:
         spec = AlignSpec(data=data, mt_epochs=epochs[0], ft_epochs=epochs[1], meta=meta, train=train,
                          block_lr_scale=block_lr_scale, teacher=teacher, alpha=alpha, temperature=temperature,
-                         frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr, seed=seed)
+                         kd_unlabeled=kd_unlabeled, frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr,
+                         seed=seed)
     except ValidationError as e:
         err = e.errors()[0]
         raise SurgeryError(f"bad option {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
@@ -296,8 +313,9 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     phases: dict[str, Any] = {}
     write_json(run / "align.json", {"schema": SCHEMA, "spec": spec.model_dump(mode="json"), "complete": False,
                                     "stages": K, "phases": phases})
-    task_mt = _task(spec, teacher_info, 0.0)
-    task_ft = _task(spec, teacher_info, 0.1)
+    task_mt = _task(spec, teacher_info, 0.0, loaders)
+    mt_warmup = min(1.0, spec.mt_epochs / 5)  # a fifth of a short run, as incubation's PT and MT
+    task_ft = _task(spec, teacher_info, 0.1, loaders)
     phases["start"] = {"val_acc": _accuracy(model, loaders["val"])}
 
     # 1. meta model
@@ -314,7 +332,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
         if spec.meta == "pretrain":
             say(f"pre-training the meta model for {spec.mt_epochs} epoch(s)")
             meta_model.requires_grad_(True)
-            rec.update(_train(run, "meta", meta_model, loaders, spec, spec.mt_epochs, task_mt, warmup=0.0,
+            rec.update(_train(run, "meta", meta_model, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup,
                               quiet=quiet))
             save_tensors(run / "meta" / "meta.safetensors", meta_model.state_dict(), metadata={"format": "pt"})
         rec["wall_s_total"] = round(time.perf_counter() - t0, 3)
@@ -335,7 +353,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
         else:
             say(f"MT {k + 1}/{K}: stage {k + 1} ({stages[k].model}) inside the meta model, {spec.mt_epochs} epoch(s)")
             hybrid = IncubationHybrid(list(meta_model.parts), module, k)
-            rec = _train(run, name, hybrid, loaders, spec, spec.mt_epochs, task_mt, warmup=0.0, trainable=params,
+            rec = _train(run, name, hybrid, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup, trainable=params,
                          lr_scale=scale, quiet=quiet)
             rec["trained_params"] = int(sum(p.numel() for p in params))
             save_tensors(run / name / "module.safetensors", module.state_dict(), metadata={"format": "pt"})

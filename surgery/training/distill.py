@@ -95,8 +95,15 @@ class InputConverter(nn.Module):
 
 
 def distillation_task(teacher: nn.Module, *, alpha: float = 0.5, temperature: float = 1.0,
-                      label_smoothing: float = 0.0, converter: InputConverter | None = None):
+                      label_smoothing: float = 0.0, converter: InputConverter | None = None,
+                      unlabeled: Tensor | None = None, unlabeled_batch: int = 0):
     """A task for :func:`surgery.training.train`: CE on the labels plus KD from ``teacher``'s logits.
+
+    With ``unlabeled`` images, every step also draws ``unlabeled_batch`` of them (with torch's global
+    generator, which the loop's checkpoints restore, so a resumed run draws the same ones) and the
+    distillation term covers the labelled and the unlabelled images alike: the teacher's soft labels
+    carry to images nobody labelled (semi-supervised distillation, as in Xie et al. 2020's noisy
+    student without the noise). Student and teacher each run once per step on the concatenated batch.
 
     Args:
         teacher: logits ``(N, classes)`` for the student's classes; frozen here (``requires_grad`` off,
@@ -105,9 +112,11 @@ def distillation_task(teacher: nn.Module, *, alpha: float = 0.5, temperature: fl
         temperature: of :func:`kd_loss`.
         label_smoothing: of the cross-entropy term.
         converter: re-presents the student's batch to the teacher (:class:`InputConverter`).
+        unlabeled: ``(M, C, H, W)`` images prepared as the student's inputs; their labels are never used.
+        unlabeled_batch: unlabelled images per step (0: none).
 
     Returns:
-        ``task(model, x, y) -> {"loss", "output", "ce", "kd"}``.
+        ``task(model, x, y) -> {"loss", "output", "ce", "kd"}`` (``output``: the labelled images' logits).
 
     Raises:
         SurgeryError: ``alpha`` outside ``[0, 1]``.
@@ -116,9 +125,15 @@ def distillation_task(teacher: nn.Module, *, alpha: float = 0.5, temperature: fl
         raise SurgeryError(f"alpha must be in [0, 1], got {alpha}")
     teacher.requires_grad_(False)
     teacher.eval()
+    extra = unlabeled if unlabeled is not None and unlabeled_batch > 0 and len(unlabeled) else None
 
     def task(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        out = model(x)
+        n = x.shape[0]
+        if alpha > 0.0 and extra is not None:
+            idx = torch.randint(len(extra), (unlabeled_batch,))
+            x = torch.cat([x, extra[idx].to(device=x.device, dtype=x.dtype)])
+        out_all = model(x)
+        out = out_all[:n]
         ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         if alpha == 0.0:
             return {"loss": ce, "output": out, "ce": ce.detach()}
@@ -130,7 +145,7 @@ def distillation_task(teacher: nn.Module, *, alpha: float = 0.5, temperature: fl
             conv.to(x.device)
         with torch.no_grad():
             t_logits = teacher(conv(x) if conv is not None and not conv.identity else x).float()
-        kd = kd_loss(out.float(), t_logits, temperature)
+        kd = kd_loss(out_all.float(), t_logits, temperature)
         loss = (1.0 - alpha) * ce + alpha * kd
         return {"loss": loss, "output": out, "ce": ce.detach(), "kd": kd.detach()}
 
