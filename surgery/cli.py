@@ -540,11 +540,12 @@ def incubate(
 def align(
     model_dir: Annotated[Path, typer.Argument(help="A model folder of 'surgery reassemble' (or 'baseline').")],
     data: Annotated[str, typer.Option(help="Target data; its classes must be the model's.")],
-    epochs: Annotated[str, typer.Option(help="MT,FT epochs: each stage inside the meta model, then end to end.")
+    epochs: Annotated[str, typer.Option(
+        help="MT,FT epochs: each stage inside the meta model (0: skip), then end to end.")
                       ] = "2,4",
     meta: Annotated[str, typer.Option(help="truncated (donor blocks cut down, no training) | pretrain (the same, "
                                            "trained end to end first for MT epochs).")] = "truncated",
-    train: Annotated[str, typer.Option(help="What MT trains: stitches (and the head) | norms (also norm weights) | "
+    train: Annotated[str, typer.Option(help="What MT trains: stitches | norms (also norm weights) | "
                                             "blocks (everything; blocks at --block-lr-scale).")] = "stitches",
     block_lr_scale: Annotated[float, typer.Option(help="Learning-rate multiplier of block weights (--train blocks).")
                               ] = 0.1,
@@ -552,6 +553,9 @@ def align(
                                                      "(0.5 CE + 0.5 KL, temperature 1, as m2mKD).")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term (with --teacher).")] = 0.5,
     temperature: Annotated[float, typer.Option(help="Distillation temperature (with --teacher).")] = 1.0,
+    kd_unlabeled: Annotated[int, typer.Option(min=0, help=(
+        "Unlabelled target images added to each step's distillation term (with --teacher; their labels "
+        "are never read; 0: the labelled batch only)."))] = 64,
     frozen_warmup: Annotated[int, typer.Option(min=0, help="First FT epochs with the blocks frozen.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch, every phase.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 1e-3,
@@ -574,7 +578,8 @@ def align(
     say = (lambda msg: err_console.print(msg, highlight=False))
     manifest = run_align(model_dir, data, epochs=parse_epochs(epochs), meta=meta, train=train,
                          block_lr_scale=block_lr_scale, teacher=teacher, alpha=alpha, temperature=temperature,
-                         frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr, seed=seed, quiet=as_json, log=say)
+                         kd_unlabeled=kd_unlabeled, frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr,
+                         seed=seed, quiet=as_json, log=say)
     if as_json:
         print(json_text(manifest))
         return

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None,
     from surgery.minizoo import CARDS_FILE, build_mini_zoo, numerics
     from surgery.reassembly import reassemble, single_model
     from surgery.similarity import compute_similarity
+    from surgery.training.align_run import align
     from surgery.training.finetune import evaluate_model_dir, finetune_model_dir
     from surgery.workspace import Workspace
     from zoo.data import load_split
@@ -127,6 +129,9 @@ def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None,
     result = reassemble(ws.root, max_gflops=budget_g, data=TARGET, top=3 if quick else 5, seed=seed,
                         out_dir=out / "reassembled", log=say)
     best = result.ranked[0]
+    # the aligned contender starts from the same reassembled folder, copied before fine-tuning changes it
+    shutil.rmtree(out / "aligned", ignore_errors=True)
+    shutil.copytree(out / "reassembled", out / "aligned", ignore=shutil.ignore_patterns("finetune*", "align"))
     step("reassemble", t0)
 
     t0 = time.perf_counter()
@@ -140,25 +145,42 @@ def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None,
     step("singles", t0)
 
     t0 = time.perf_counter()
-    say(f"[6/6] fine-tune everything for {epochs} epochs on {TARGET}")
+    say(f"[6/6] fine-tune everything for {epochs} epochs on {TARGET}, then align the reassembled model "
+        "(teacher: the best single)")
     rows = []
     contenders = [("reassembled", out / "reassembled", best)] + [(f"single: {n}", f, r) for n, f, r in singles]
-    for label, folder, ranked in contenders:
-        before = evaluate_model_dir(folder, TARGET, split="val", seed=seed)["top1"]
-        ft = finetune_model_dir(folder, TARGET, epochs=epochs, seed=seed, quiet=True)
+    folders = {}
+
+    def add_row(label: str, ranked, before: float, ft: dict[str, Any]) -> None:
         rows.append({"method": label, "models": " > ".join(dict.fromkeys(s.model for s in ranked.stages)),
                      "params": ranked.params, "macs": ranked.macs, "val_top1_before": before,
                      "val_top1": ft["best_val_acc"], "test_top1": ft["test_top1"]})
         say(f"  {label}: val {ft['best_val_acc']:.4f}, test {ft['test_top1']:.4f}")
-    step("finetune", t0)
+
+    for label, folder, ranked in contenders:
+        before = evaluate_model_dir(folder, TARGET, split="val", seed=seed)["top1"]
+        add_row(label, ranked, before, finetune_model_dir(folder, TARGET, epochs=epochs, seed=seed, quiet=True))
+        folders[label] = folder
     single_rows = [r for r in rows if r["method"].startswith("single")]
     best_single = max(single_rows, key=lambda r: r["val_top1"]) if single_rows else None
+    # aligned: the reassembled model (before fine-tuning) incubated and fine-tuned for the same total epochs
+    # (a tenth in MT), distilling from the fine-tuned best single model on labelled and unlabelled images
+    teacher = str(folders[best_single["method"]]) if best_single else None
+    before = evaluate_model_dir(out / "aligned", TARGET, split="val", seed=seed)["top1"]
+    mt = max(1, round(epochs / 10))
+    p = align(out / "aligned", TARGET, epochs=(mt, epochs - mt), teacher=teacher, seed=seed, quiet=True)["phases"]
+    add_row("aligned", best, before, {"best_val_acc": max(p["final"]["val_acc"], p.get("ft", {}).get("val_acc_best")
+                                                          or 0.0), "test_top1": p["final"]["test_acc"]})
+    rows.insert(1, rows.pop())
+    step("finetune", t0)
     # finetune_model_dir evaluates on this split (same spec and seed): its size turns accuracies into images.
     test_images = len(load_split(TARGET, "test", seed=seed))
     cards = json.loads((zoo_path.parent / CARDS_FILE).read_text())["models"]
     summary = {"budget_gflops": budget_g, "target": TARGET, "epochs": epochs, "stages": stages, "quick": quick,
                "rows": rows, "best_single": best_single["method"] if best_single else None,
                "test_images": test_images, "verdict": verdict(rows[0], best_single, test_images),
+               "verdict_aligned": verdict(rows[1], best_single, test_images, label="aligned"),
+               "aligned_teacher": best_single["method"].removeprefix("single: ") if best_single else None,
                # What decides the floats: two runs with the same record give the same table bit for bit.
                "numerics": numerics(), "zoo_weights_sha256": {n: c["weights_sha256"] for n, c in cards.items()},
                "timings": timings, "total_seconds": round(time.perf_counter() - t_start, 1)}
@@ -172,7 +194,8 @@ def _run_demo(out: Path, *, quick: bool, as_json: bool, console: Console | None,
     return summary
 
 
-def verdict(reassembled: dict[str, Any], best_single: dict[str, Any] | None, test_images: int) -> dict[str, Any]:
+def verdict(reassembled: dict[str, Any], best_single: dict[str, Any] | None, test_images: int,
+            label: str = "reassembled") -> dict[str, Any]:
     """Reassembled vs best single on the test split, in images, against a binomial yardstick.
 
     The yardstick is two standard errors of a difference of two accuracies measured on ``n`` images,
@@ -183,7 +206,8 @@ def verdict(reassembled: dict[str, Any], best_single: dict[str, Any] | None, tes
     Returns:
         ``{"test_images", "reassembled_top1", "best_single_top1", "difference_images", "noise_images",
         "yardstick", "within_noise", "text"}``; ``difference_images`` and ``within_noise`` are None
-        without a single model in the budget.
+        without a single model in the budget. ``label`` names the contender in the text (the aligned
+        model is read the same way).
     """
     n = test_images
     a = reassembled["test_top1"]
@@ -191,13 +215,14 @@ def verdict(reassembled: dict[str, Any], best_single: dict[str, Any] | None, tes
     if best_single is None:
         return {"test_images": n, "reassembled_top1": a, "best_single_top1": None, "difference_images": None,
                 "noise_images": None, "yardstick": yardstick, "within_noise": None,
-                "text": f"reassembled {100 * a:.1f}% on {n} test images; no single zoo model fits the budget"}
+                "text": f"{label} {100 * a:.1f}% on {n} test images; no single zoo model fits the budget"}
     b = best_single["test_top1"]
     diff = round(a * n) - round(b * n)  # top-1 is correct / n, so these are the images each got right
     noise = 2 * math.sqrt(a * (1 - a) / n + b * (1 - b) / n) * n
     within = abs(diff) <= noise
-    reading = "no winner" if within else f"reassembly {'wins' if diff > 0 else 'loses'}"
-    text = (f"reassembled {100 * a:.1f}% vs best single {100 * b:.1f}% on {n} test images: {diff:+d} images, "
+    who = "reassembly" if label == "reassembled" else label
+    reading = "no winner" if within else f"{who} {'wins' if diff > 0 else 'loses'}"
+    text = (f"{label} {100 * a:.1f}% vs best single {100 * b:.1f}% on {n} test images: {diff:+d} images, "
             f"{'within' if within else 'beyond'} noise (2 binomial SE = {noise:.0f} images): {reading}")
     return {"test_images": n, "reassembled_top1": a, "best_single_top1": b, "difference_images": diff,
             "noise_images": round(noise, 1), "yardstick": yardstick, "within_noise": within, "text": text}
@@ -210,20 +235,23 @@ def summary_table(summary: dict[str, Any]) -> Table:
     """
     rows = summary["rows"]
     notes = []
-    if summary.get("verdict"):
-        notes.append(summary["verdict"]["text"])
+    for key in ("verdict", "verdict_aligned"):
+        if summary.get(key):
+            notes.append(summary[key]["text"])
     if summary.get("quick"):
         notes.append("--quick: smoke-test zoo trained on a few hundred images, accuracies mean nothing")
     table = Table(title=f"{summary['target']}: reassembled vs the best single zoo model within "
-                        f"{summary['budget_gflops']:.4f} GFLOPs, both fine-tuned {summary['epochs']} "
+                        f"{summary['budget_gflops']:.4f} GFLOPs, all trained {summary['epochs']} "
                         f"epoch{'s' if summary['epochs'] != 1 else ''} "
-                        "with the same recipe (top-1 %)",
+                        "with the same recipe (aligned: stitches incubated, then fine-tuned with the "
+                        "best single as teacher, whose training comes on top; top-1 %)",
                   caption="\n".join(notes) or None)
     table.add_column("method", no_wrap=True)
     table.add_column("blocks from", no_wrap=True)
     for col in ("M params", "GFLOPs", "val (no FT)", "val", "test"):
         table.add_column(col, justify="right")
-    shown = [rows[0]] + [r for r in rows if r["method"] == summary["best_single"]]
+    shown = [rows[0]] + [r for r in rows if r["method"] == "aligned"] + [
+        r for r in rows if r["method"] == summary["best_single"]]
     for r in shown:
         label = "best single" if r["method"] == summary["best_single"] else r["method"]
         # one source model per line keeps the table within 80 columns without cutting names

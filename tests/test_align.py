@@ -101,6 +101,9 @@ def test_module_parameters_per_train_mode(chain_dir):
     params, scale = module_parameters(first, "blocks", block_lr_scale=0.25)
     assert len(params) == len(list(first.parameters()))
     assert {id(p) for p in scale} == {id(p) for p in first[0].parameters()} and set(scale.values()) == {0.25}
+    last = stage_modules(model)[-1]
+    params, _ = module_parameters(last, "blocks")
+    assert params and not ({id(p) for p in params} & {id(p) for p in model.head.parameters()})
     with pytest.raises(SurgeryError, match="unknown train mode"):
         module_parameters(first, "everything")
 
@@ -247,12 +250,12 @@ def test_align_touches_only_what_train_names(chain_dir, tmp_path, mode):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     for key in before:
         role, mod = roles.get(key, ("head", None))
-        trainable = role in ("stitch", "head") or (
+        trainable = role == "stitch" or (
             mode == "norms" and isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)))
         if not trainable:
             assert key not in changed, key  # bit-identical
     assert any(roles.get(k, ("head",))[0] == "stitch" for k in changed)
-    assert any(roles.get(k, ("head",))[0] == "head" for k in changed)
+    assert not any(roles.get(k, ("head",))[0] == "head" for k in changed)  # the head waits for the fine-tuning
     if mode == "norms":
         assert any(roles.get(k, ("head",))[0] == "block" for k in changed)
 
@@ -309,10 +312,31 @@ def test_align_with_a_teacher_logs_the_kd_term(chain_dir, align_ws, tmp_path):
     from surgery.training.align_run import align
 
     folder = _copy(chain_dir, tmp_path / "m")
-    manifest = align(folder, "digits", epochs=(1, 1), teacher="test_vit", batch_size=32, quiet=True)
-    assert "test_vit" in manifest["teacher"]
+    manifest = align(folder, "digits", epochs=(1, 1), teacher="test_vit", kd_unlabeled=16, batch_size=32, quiet=True)
+    assert "test_vit" in manifest["teacher"] and manifest["spec"]["kd_unlabeled"] == 16
     history = json.loads((folder / "align" / "ft" / "result.json").read_text())["history"]
     assert all(math.isfinite(h["train_kd"]) for h in history)
+    # a model folder teaches too (here the aligned one teaching a fresh copy)
+    other = _copy(chain_dir, tmp_path / "other")
+    again = align(other, "digits", epochs=(1, 1), teacher=str(folder), batch_size=32, quiet=True)
+    assert again["teacher"] == f"model folder {folder}"
+
+
+def test_unlabelled_distillation_draws_extra_images_and_ignores_them_for_ce():
+    from surgery.training.distill import distillation_task, kd_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y, pool = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), torch.randn(50, 4)
+    task = distillation_task(teacher, alpha=0.5, unlabeled=pool, unlabeled_batch=7)
+    torch.manual_seed(3)
+    out = task(student, x, y)
+    torch.manual_seed(3)
+    idx = torch.randint(50, (7,))
+    both = torch.cat([x, pool[idx]])
+    with torch.no_grad():
+        want = 0.5 * F.cross_entropy(student(x), y) + 0.5 * kd_loss(student(both), teacher(both))
+    assert out["output"].shape == (5, 3) and torch.allclose(out["loss"], want)
 
 
 def test_align_refusals_leave_the_folder_untouched(chain_dir, tmp_path):
@@ -334,7 +358,7 @@ def test_align_refusals_leave_the_folder_untouched(chain_dir, tmp_path):
 
 def test_cli_reassemble_align_evaluate(align_ws, tmp_path):
     folder = _stitched(align_ws, tmp_path / "m")
-    for args, msg in ((["--epochs", "0,1"], "--epochs must be MT,FT"), (["--train", "all"], "--train must be"),
+    for args, msg in ((["--epochs", "0,0"], "--epochs must be MT,FT"), (["--train", "all"], "--train must be"),
                       (["--teacher", "nope"], "neither a model folder")):
         bad = run_cli("align", str(folder), "--data", "digits", *args, check=False)
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr

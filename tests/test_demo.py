@@ -23,6 +23,8 @@ def _summary() -> dict:
     rows = [
         {"method": "reassembled", "models": "convnext-fm59 > resnet10t-fm04 > efficientnet-fmall",
          "params": 1_242_000, "macs": 4.9e6, "val_top1_before": 0.846, "val_top1": 0.93, "test_top1": 0.944},
+        {"method": "aligned", "models": "convnext-fm59 > resnet10t-fm04 > efficientnet-fmall",
+         "params": 1_242_000, "macs": 4.9e6, "val_top1_before": 0.846, "val_top1": 0.95, "test_top1": 0.961},
         {"method": "single: efficientnet-fmall", "models": "efficientnet-fmall", "params": 775_000,
          "macs": 1.9e6, "val_top1_before": 0.797, "val_top1": 0.93, "test_top1": 0.930},
         {"method": "single: regnetx-fm04", "models": "regnetx-fm04", "params": 2_319_000,
@@ -30,7 +32,8 @@ def _summary() -> dict:
     ]
     n = 360
     return {"target": "digits", "budget_gflops": 0.0064, "epochs": 6, "rows": rows,
-            "best_single": "single: efficientnet-fmall", "test_images": n, "verdict": verdict(rows[0], rows[1], n)}
+            "best_single": "single: efficientnet-fmall", "test_images": n, "verdict": verdict(rows[0], rows[2], n),
+            "verdict_aligned": verdict(rows[1], rows[2], n, label="aligned")}
 
 
 def test_summary_table_fits_80_columns_without_cutting_names():
@@ -39,14 +42,15 @@ def test_summary_table_fits_80_columns_without_cutting_names():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "…" not in text
-    for name in ("convnext-fm59", "resnet10t-fm04", "efficientnet-fmall", "reassembled", "best single"):
+    for name in ("convnext-fm59", "resnet10t-fm04", "efficientnet-fmall", "reassembled", "aligned", "best single"):
         assert name in text
     assert "regnetx-fm04" not in text  # only the best single model is shown
-    assert "94.4" in text and "93.0" in text
+    assert "94.4" in text and "93.0" in text and "96.1" in text
     assert "smoke-test" not in text
     # The verdict line: test split size and the difference in images, with its noise yardstick.
     assert "on 360 test images: +5 images" in " ".join(text.split())
     assert "within noise" in " ".join(text.split())
+    assert "aligned 96.1% vs best single 93.0% on 360 test images: +11 images" in " ".join(text.split())
 
 
 def test_verdict_counts_images_and_reads_them_against_binomial_noise():
@@ -82,16 +86,18 @@ def test_quick_demo_writes_a_coherent_summary(tmp_path):
     assert summary == json.loads((out / "demo.json").read_text())
     budget = summary["budget_gflops"] * 1e9
     rows = summary["rows"]
-    assert rows[0]["method"] == "reassembled" and len(rows) >= 2
+    assert rows[0]["method"] == "reassembled" and rows[1]["method"] == "aligned" and len(rows) >= 3
     for row in rows:
         assert row["macs"] <= budget * (1 + 1e-9), row
         assert 0.0 <= row["test_top1"] <= 1.0 and 0.0 <= row["val_top1"] <= 1.0
-    singles = rows[1:]
+    singles = [r for r in rows if r["method"].startswith("single: ")]
     assert summary["best_single"] == max(singles, key=lambda r: r["val_top1"])["method"]
     assert set(summary["timings"]) == {"mini-zoo", "dissect", "similarity+partition", "reassemble", "singles",
                                        "finetune"}
     assert (out / "reassembled" / "model.safetensors").exists() and (out / "reassembled" / "finetune.json").exists()
     assert (out / "mini-zoo-quick" / "mini-zoo.yaml").exists()
+    assert (out / "aligned" / "align" / "align.json").exists()
+    assert summary["verdict_aligned"]["text"].startswith("aligned ")
     # The verdict in images on the real test split, and what decides the numbers.
     v = summary["verdict"]
     assert v["test_images"] == summary["test_images"] > 0

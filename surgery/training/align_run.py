@@ -45,10 +45,12 @@ class AlignSpec(BaseModel):
 
     Attributes:
         data: target data spec (its classes must be the model's).
-        mt_epochs: epochs of each stage job (MT) and of the meta pre-training with ``meta="pretrain"``.
+        mt_epochs: epochs of each stage job (MT) and of the meta pre-training with ``meta="pretrain"``;
+            0 skips the meta model and MT (fine-tuning only, with the teacher when one is given).
         ft_epochs: epochs of the end-to-end fine-tuning (``frozen_warmup`` of them with blocks frozen).
         meta: ``truncated`` (donor blocks cut down, no training) or ``pretrain`` (the same, trained).
-        train: what MT trains: ``stitches`` (and the head), ``norms`` (also norm weights) or ``blocks``.
+        train: what MT trains: ``stitches``, ``norms`` (also norm weights) or ``blocks`` (everything but the
+            head).
         block_lr_scale: learning-rate multiplier of block weights with ``train="blocks"``.
         teacher: a model folder or a zoo model of the workspace to distil from (None: labels only).
         alpha / temperature: weight of the distillation term and its temperature (m2mKD: 0.5, 1).
@@ -60,7 +62,7 @@ class AlignSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str
-    mt_epochs: int = Field(2, ge=1)
+    mt_epochs: int = Field(2, ge=0)
     ft_epochs: int = Field(4, ge=0)
     frozen_warmup: int = Field(0, ge=0)
     meta: Literal["truncated", "pretrain"] = "truncated"
@@ -69,14 +71,14 @@ class AlignSpec(BaseModel):
     teacher: str | None = None
     alpha: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
-    kd_unlabeled: int = Field(0, ge=0)
+    kd_unlabeled: int = Field(64, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
 
 
 def parse_epochs(text: str) -> tuple[int, int]:
-    """``"MT,FT"`` -> two epoch counts (MT >= 1, FT >= 0).
+    """``"MT,FT"`` -> two epoch counts (each >= 0, not both 0).
 
     Raises:
         SurgeryError: anything else (one line).
@@ -86,8 +88,8 @@ def parse_epochs(text: str) -> tuple[int, int]:
         values = tuple(int(p) for p in parts)
     except ValueError:
         values = ()
-    if len(values) != 2 or values[0] < 1 or values[1] < 0:
-        raise SurgeryError(f"--epochs must be MT,FT epoch counts (e.g. 2,4; MT at least 1), got {text!r}")
+    if len(values) != 2 or min(values) < 0 or sum(values) < 1:
+        raise SurgeryError(f"--epochs must be MT,FT epoch counts (e.g. 2,4; at least one epoch), got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -252,7 +254,7 @@ def _check_run(run: Path, spec: AlignSpec) -> dict[str, Any] | None:
 
 def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = (2, 4), meta: str = "truncated",
           train: str = "stitches", block_lr_scale: float = 0.1, teacher: str | None = None, alpha: float = 0.5,
-          temperature: float = 1.0, kd_unlabeled: int = 0, frozen_warmup: int = 0, batch_size: int = 64,
+          temperature: float = 1.0, kd_unlabeled: int = 64, frozen_warmup: int = 0, batch_size: int = 64,
           lr: float = 1e-3, seed: int = 0, quiet: bool = False, log: Callable[[str], None] | None = None
           ) -> dict[str, Any]:
     """Align and fine-tune a reassembled model folder in place (module docstring).
@@ -318,47 +320,53 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     task_ft = _task(spec, teacher_info, 0.1, loaders)
     phases["start"] = {"val_acc": _accuracy(model, loaders["val"])}
 
-    # 1. meta model
-    t0 = time.perf_counter()
-    meta_model, infos = truncated_meta(model, stages, loaders["train_eval"])
-    kept = ", ".join(f"{i['kept']}/{i['sub_blocks']}" for i in infos)
-    say(f"meta model: {kept} sub-blocks kept per stage")
-    if (rec := _done(run, "meta")) is not None:
-        if spec.meta == "pretrain":
-            meta_model.load_state_dict(load_tensors(run / "meta" / "meta.safetensors"), strict=True)
+    if spec.mt_epochs == 0:
+        phases["meta"] = {"phase": "meta", "skipped": "MT epochs 0"}
+        for k in range(K):
+            phases[f"mt_{k}"] = {"phase": f"mt_{k}", "skipped": "MT epochs 0"}
     else:
-        rec = {"phase": "meta", "kind": spec.meta, "stages": infos, "val_acc_closed_form": _accuracy(meta_model,
-                                                                                                  loaders["val"])}
-        if spec.meta == "pretrain":
-            say(f"pre-training the meta model for {spec.mt_epochs} epoch(s)")
-            meta_model.requires_grad_(True)
-            rec.update(_train(run, "meta", meta_model, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup,
-                              quiet=quiet))
-            save_tensors(run / "meta" / "meta.safetensors", meta_model.state_dict(), metadata={"format": "pt"})
-        rec["wall_s_total"] = round(time.perf_counter() - t0, 3)
-        rec = _finish(run, "meta", rec)
-    meta_model.requires_grad_(False)
-    phases["meta"] = _summary(rec)
-
-    # 2. MT_k: each stage inside the frozen meta model
-    for k, module in enumerate(modules):
-        name = f"mt_{k}"
-        params, scale = module_parameters(module, spec.train, spec.block_lr_scale)
-        if (rec := _done(run, name)) is not None:
-            if params:
-                module.load_state_dict(load_tensors(run / name / "module.safetensors"), strict=True)
-        elif not params:
-            rec = _finish(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
-                                      "(no stitch after this block)"})
+        # 1. meta model
+        t0 = time.perf_counter()
+        meta_model, infos = truncated_meta(model, stages, loaders["train_eval"])
+        kept = ", ".join(f"{i['kept']}/{i['sub_blocks']}" for i in infos)
+        say(f"meta model: {kept} sub-blocks kept per stage")
+        if (rec := _done(run, "meta")) is not None:
+            if spec.meta == "pretrain":
+                meta_model.load_state_dict(load_tensors(run / "meta" / "meta.safetensors"), strict=True)
         else:
-            say(f"MT {k + 1}/{K}: stage {k + 1} ({stages[k].model}) inside the meta model, {spec.mt_epochs} epoch(s)")
-            hybrid = IncubationHybrid(list(meta_model.parts), module, k)
-            rec = _train(run, name, hybrid, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup, trainable=params,
-                         lr_scale=scale, quiet=quiet)
-            rec["trained_params"] = int(sum(p.numel() for p in params))
-            save_tensors(run / name / "module.safetensors", module.state_dict(), metadata={"format": "pt"})
-            rec = _finish(run, name, rec)
-        phases[name] = _summary(rec)
+            rec = {"phase": "meta", "kind": spec.meta, "stages": infos, "val_acc_closed_form": _accuracy(meta_model,
+                                                                                                      loaders["val"])}
+            if spec.meta == "pretrain":
+                say(f"pre-training the meta model for {spec.mt_epochs} epoch(s)")
+                meta_model.requires_grad_(True)
+                rec.update(_train(run, "meta", meta_model, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup,
+                                  quiet=quiet))
+                save_tensors(run / "meta" / "meta.safetensors", meta_model.state_dict(), metadata={"format": "pt"})
+            rec["wall_s_total"] = round(time.perf_counter() - t0, 3)
+            rec = _finish(run, "meta", rec)
+        meta_model.requires_grad_(False)
+        phases["meta"] = _summary(rec)
+
+        # 2. MT_k: each stage inside the frozen meta model
+        for k, module in enumerate(modules):
+            name = f"mt_{k}"
+            params, scale = module_parameters(module, spec.train, spec.block_lr_scale)
+            if (rec := _done(run, name)) is not None:
+                if params:
+                    module.load_state_dict(load_tensors(run / name / "module.safetensors"), strict=True)
+            elif not params:
+                rec = _finish(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
+                                          "(no stitch after this block)"})
+            else:
+                say(f"MT {k + 1}/{K}: stage {k + 1} ({stages[k].model}) inside the meta model, "
+                    f"{spec.mt_epochs} epoch(s)")
+                hybrid = IncubationHybrid(list(meta_model.parts), module, k)
+                rec = _train(run, name, hybrid, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup,
+                             trainable=params, lr_scale=scale, quiet=quiet)
+                rec["trained_params"] = int(sum(p.numel() for p in params))
+                save_tensors(run / name / "module.safetensors", module.state_dict(), metadata={"format": "pt"})
+                rec = _finish(run, name, rec)
+            phases[name] = _summary(rec)
 
     # 3. assemble: the modules are the chain's parts. Batch-norm layers that MT ran in train mode collected
     # their statistics on the meta model's activations: re-estimated on unlabelled target images. The
