@@ -89,8 +89,14 @@ def describe_target() -> str:
     from zoo.data import parse_spec
 
     spec = parse_spec(TARGET)
-    text = ("scikit-learn digits, 10 classes, 8x8 upsampled to 32x32; no zoo model saw it" if spec.kind == "digits"
-            else f"{spec.kind}")
+    if spec.kind == "digits":
+        text = "scikit-learn digits, 10 classes, 8x8 upsampled to 32x32; no zoo model saw it"
+    elif spec.kind == "fashion-mnist":
+        text = (f"Fashion-MNIST, classes {','.join(spec.classes or ['all'])}; the mini-zoo was pre-trained on "
+                "Fashion-MNIST classes 0-4 (fm04), 5-9 (fm59) or all (fmall), so every source saw some or all "
+                "of these classes: not a clean transfer target, used for its large test split")
+    else:
+        text = f"{spec.kind}"
     if spec.train_per_class is not None:
         text += f"; at most {spec.train_per_class} labelled training images per class, val and test untouched"
     return text
@@ -305,9 +311,10 @@ def random_chain(src, part, budget_macs: int, rng: np.random.Generator, tries: i
 # ------------------------------------------------------------------------------------------ run
 
 
-def align_epochs(epochs: int) -> tuple[int, int]:
-    """(MT, FT) epochs of the aligned methods: the same total as everyone's fine-tuning, a tenth in MT."""
-    mt = max(1, round(epochs / 10))
+def align_epochs(epochs: int, mt: int | None = None) -> tuple[int, int]:
+    """(MT, FT) epochs of the aligned methods: the same total as everyone's fine-tuning, by default a tenth
+    in MT (``mt``: that many; 0 is the ablation without incubation)."""
+    mt = max(1, round(epochs / 10)) if mt is None else mt
     return mt, epochs - mt
 
 
@@ -321,7 +328,9 @@ def _finetune_job(folder: str, seed: int, epochs: int, threads: int, target: str
     if align is not None:
         from surgery.training.align_run import align as run_align
 
-        m = run_align(folder, target, epochs=align_epochs(epochs), seed=seed, quiet=True, **align)
+        opts = dict(align)
+        mt = opts.pop("mt", None)
+        m = run_align(folder, target, epochs=align_epochs(epochs, mt), seed=seed, quiet=True, **opts)
         p = m["phases"]
         return {"val": p["final"]["val_acc"], "best_val": p["ft"]["val_acc_best"], "test": p["final"]["test_acc"],
                 "assembled_val": p["assemble"]["val_acc_recalibrated"], "start_val": p["start"]["val_acc"],
@@ -423,7 +432,7 @@ def keep_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("finetune", "align", "finetune.json", "pareto.png"))
 
 
-def submit_teacher_jobs(seeds_out: list[dict[str, Any]], runner: Runner) -> None:
+def submit_teacher_jobs(seeds_out: list[dict[str, Any]], runner: Runner, mt: int | None) -> None:
     """Second round, once the best singles are known: align the reassembled model and the best single
     model itself, each from its state before fine-tuning, with the fine-tuned best single as teacher
     (distillation on labelled and unlabelled images alike): the same extra signal for both."""
@@ -436,14 +445,14 @@ def submit_teacher_jobs(seeds_out: list[dict[str, Any]], runner: Runner) -> None
                 continue
             name = single["model"]
             teacher = runner.folders[single["job"]]
-            opts = {"teacher": str(teacher), "kd_unlabeled": KD_UNLABELED}
+            opts = {"teacher": str(teacher), "kd_unlabeled": KD_UNLABELED, "mt": mt}
             base = Path(here["aligned + teacher"]["pre"]).parent
             for method, pre in (("aligned + teacher", Path(here["aligned + teacher"]["pre"])),
                                 ("best single + teacher", teacher.parent / f"{name}-pre")):
                 folder = base / ("aligned-teacher" if method.startswith("aligned") else f"single-teacher-{name}")
                 keep_copy(pre, folder)
                 stages = here["reassembled"]["chain"] if method.startswith("aligned") else name
-                key = f"{seed}|teacher:{name}|{method}|{stages}|{budget}"
+                key = f"{seed}|teacher:{name}|mt{mt}|{method}|{stages}|{budget}"
                 r = here[method]
                 r["job"] = runner.submit(key, folder, seed, align=opts)
                 r["teacher"] = name
@@ -538,7 +547,8 @@ def run_seed(seed: int, ws, part, budgets: list[float], args, runner: Runner, ra
         keep_copy(bdir / "reassembled", bdir / "reassembled-pre")
         c["job"] = runner.submit(job_key(seed, "pre", best.stages), c["folder"], seed)
         row("reassembled", best.stages, best.params, best.macs, c["job"], proxy=best.proxy)
-        ajob = runner.submit(job_key(seed, "align", best.stages), bdir / "aligned", seed, align={})
+        ajob = runner.submit(job_key(seed, f"align{args.align_mt}", best.stages), bdir / "aligned", seed,
+                             align={"mt": args.align_mt})
         row("aligned", best.stages, best.params, best.macs, ajob)
         row("aligned + teacher", best.stages, best.params, best.macs, None, pre=str(bdir / "reassembled-pre"))
         row("best single + teacher", None, 0, 0, None)
@@ -760,7 +770,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         f"Stitches (reassembled, random chain, random partition) are fitted by least squares on up to {UNLABELED} "
         "training images of the target with their labels ignored (`reassemble --unlabeled`; before a "
         "`train_per_class` cap, i.e. images nobody labelled). `aligned` is `surgery align` on the reassembled "
-        f"folder with the same total epochs: {align_epochs(data['epochs'])[0]} epoch(s) of each stage's stitches "
+        f"folder with the same total epochs: {align_epochs(data['epochs'], data.get('align_mt'))[0]} epoch(s) of "
+        "each stage's stitches "
         "inside the truncated-donor meta model (MT), the rest end-to-end fine-tuning with the recipe above. "
         "`aligned + teacher` and `best single + teacher` start from the reassembled model and from the best "
         "single model *before* fine-tuning and run the same alignment with the fine-tuned best single as "
@@ -895,6 +906,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run on the quick mini-zoo")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default ~/.cache/surgery/transfer-bench)")
     ap.add_argument("--out", type=Path, default=None, help="where transfer.md/png go (default benchmarks/results)")
+    ap.add_argument("--align-mt", type=int, default=None,
+                    help="MT epochs of the aligned methods (default a tenth of --epochs; 0: no incubation, ablation)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite transfer.md/png from WORK/transfer.json")
     args = ap.parse_args(argv)
     TARGET = args.target
     quick = args.quick
@@ -906,6 +920,15 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or base / ("transfer-bench-quick" if quick else "transfer-bench")
     out = args.out or (work / "results" if quick else Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        data = json.loads((work / "transfer.json").read_text())
+        rows = [r for s in data["seeds_out"] for r in s["rows"]]
+        pts = [{"name": t[len("single "):], "macs": c["macs"], "test": c["result"]["test"]}
+               for s in data["seeds_out"] for c in s["candidates"] for t in c["tags"] if t.startswith("single ")]
+        title = f"{TARGET}: test top-1 after {data['epochs']} epochs, mean ± std over seeds {data['seeds']}"
+        write_plot(rows, pts, data["budgets"], out / "transfer.png", title)
+        log(f"wrote {write_report(data, out)}")
+        return
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
 
@@ -933,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
     log("waiting for the fine-tunings")
     resolve(seeds_out, runner.wait(shutdown=False))
     log("second round: aligned + teacher, best single + teacher (the fine-tuned best single teaches both)")
-    submit_teacher_jobs(seeds_out, runner)
+    submit_teacher_jobs(seeds_out, runner, args.align_mt)
     resolve(seeds_out, runner.wait())
 
     singles_table: dict[str, dict[str, Any]] = {}
@@ -955,7 +978,7 @@ def main(argv: list[str] | None = None) -> None:
         "stages": args.stages, "samples": args.samples, "seeds": args.seeds, "epochs": args.epochs, "top": args.top,
         "extra_top": args.extra_top, "budgets": budgets, "seeds_out": seeds_out, "command": cmd.strip(),
         "wall_s": time.perf_counter() - t_start, "fine_tunes": runner.count, "finetune_s": runner.finetune_seconds,
-        "jobs": args.jobs, "reused": runner.reused,
+        "jobs": args.jobs, "reused": runner.reused, "align_mt": args.align_mt,
         "host": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} torch thread(s) per process",
         "singles_table": singles_table, "partition_cuts": {n: m["cuts"] for n, m in part["models"].items()},

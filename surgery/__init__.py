@@ -13,6 +13,7 @@ Public API (imported lazily, so ``import surgery`` stays cheap)::
     surgery.load(model_dir)                            # a saved reassembled model, no unpickling
     surgery.train(model, loader, val_loader, config)   # the one training loop
     surgery.incubate("vit_tiny_patch16_224", "fashion-mnist", out="run")  # Deep Incubation, resumable
+    surgery.align("my-model", "digits", teacher="best-single")  # incubation-aligned reassembly, in place
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _LAZY = {
     "evaluate": ("surgery.training.loop", "evaluate"),
     "TrainConfig": ("surgery.training.loop", "TrainConfig"),
     "incubate": ("surgery.training.incubation_run", "incubate"),
+    "align": ("surgery.training.align_run", "align"),
 }
 
 __all__ = sorted(_LAZY)
