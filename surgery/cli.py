@@ -549,8 +549,8 @@ def align(
                                             "blocks (everything; blocks at --block-lr-scale).")] = "stitches",
     block_lr_scale: Annotated[float, typer.Option(help="Learning-rate multiplier of block weights (--train blocks).")
                               ] = 0.1,
-    teacher: Annotated[str | None, typer.Option(help="Distil from this model folder or zoo model of the workspace "
-                                                     "(0.5 CE + 0.5 KL, temperature 1, as m2mKD).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Distil from this model folder or zoo model of the workspace: "
+                                                     "(1 - alpha) CE + alpha KL at --temperature (m2mKD).")] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term (with --teacher).")] = 0.5,
     temperature: Annotated[float, typer.Option(help="Distillation temperature (with --teacher).")] = 1.0,
     kd_unlabeled: Annotated[int, typer.Option(min=0, help=(
@@ -576,10 +576,14 @@ def align(
     if train not in ("stitches", "norms", "blocks"):
         fail(f"--train must be stitches, norms or blocks (got {train!r})")
     say = (lambda msg: err_console.print(msg, highlight=False))
-    manifest = run_align(model_dir, data, epochs=parse_epochs(epochs), meta=meta, train=train,
-                         block_lr_scale=block_lr_scale, teacher=teacher, alpha=alpha, temperature=temperature,
-                         kd_unlabeled=kd_unlabeled, frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr,
-                         seed=seed, quiet=as_json, log=say)
+    try:
+        manifest = run_align(model_dir, data, epochs=parse_epochs(epochs), meta=meta, train=train,
+                             block_lr_scale=block_lr_scale, teacher=teacher, alpha=alpha, temperature=temperature,
+                             kd_unlabeled=kd_unlabeled, frozen_warmup=frozen_warmup, batch_size=batch_size, lr=lr,
+                             seed=seed, quiet=as_json, log=say)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: rerun the same command to resume from {model_dir / 'align'}")
+        raise typer.Exit(130) from None
     if as_json:
         print(json_text(manifest))
         return
@@ -592,10 +596,17 @@ def align(
     table.add_row("meta model", pct(p["meta"].get("val_acc", p["meta"].get("val_acc_closed_form"))))
     for k in range(manifest["stages"]):
         rec = p[f"mt_{k}"]
-        table.add_row(f"MT {k + 1}", "skipped" if "skipped" in rec else pct(rec.get("val_acc")))
-    table.add_row("assembled, norms recalibrated", pct(p["assemble"]["val_acc_recalibrated"]))
+        table.add_row(f"MT: stage {k}", f"skipped ({rec['skipped']})" if "skipped" in rec else pct(rec.get("val_acc")))
+    table.add_row("assembled", pct(p["assemble"]["val_acc"]))
+    if p["assemble"].get("norm_layers_recalibrated"):
+        kept = "kept" if p["assemble"].get("recalibration_kept") else "not kept: val fell"
+        table.add_row(f"norms re-estimated ({kept})", pct(p["assemble"]["val_acc_recalibrated"]))
     table.add_row("fine-tuned", pct(p["final"]["val_acc"]))
     console.print(table)
+    if p["final"]["val_acc"] < p["start"]["val_acc"]:
+        err_console.print(f"note: validation accuracy fell ({pct(p['start']['val_acc'])} -> "
+                          f"{pct(p['final']['val_acc'])} %); the previous weights are in "
+                          f"{model_dir / 'align' / 'start.safetensors'}", highlight=False)
     console.print(f"test top-1 {pct(p['final']['test_acc'])} %; written: {model_dir}/ (model.safetensors, "
                   "config.json, README.md); run in align/", highlight=False)
 

@@ -260,6 +260,16 @@ def test_align_touches_only_what_train_names(chain_dir, tmp_path, mode):
         assert any(roles.get(k, ("head",))[0] == "block" for k in changed)
 
 
+def test_nothing_trained_nothing_recalibrated(chain_dir, tmp_path):
+    from surgery.training.align_run import align
+
+    folder = _copy(chain_dir, tmp_path / "m")
+    m = align(folder, "digits", epochs=(0, 1), train="blocks", batch_size=32, quiet=True)
+    assert m["phases"]["assemble"]["norm_layers_recalibrated"] == 0
+    assert all(m["phases"][f"mt_{k}"]["skipped"] == "MT epochs 0" for k in range(3))
+    assert "skipped (MT epochs 0)" in (folder / "README.md").read_text()
+
+
 def test_aligned_folder_reloads_to_identical_outputs_and_records_steps(chain_dir, tmp_path):
     from surgery.assembled import read_recipe, rebuild
     from surgery.training.align_run import align
@@ -270,7 +280,7 @@ def test_aligned_folder_reloads_to_identical_outputs_and_records_steps(chain_dir
     recipe = read_recipe(folder)
     assert recipe["align"]["spec"]["train"] == "blocks" and "ft" in recipe["align"]["phases"]
     card = (folder / "README.md").read_text()
-    assert "## Alignment" in card and "MT 1" in card and "Held-out test top-1" in card
+    assert "## Alignment" in card and "MT: stage 0" in card and "Held-out test top-1" in card
     model = rebuild(recipe)
     model.load_state_dict(load_tensors(folder / "align" / "ft" / "model.safetensors"))
     x = _x()
@@ -349,8 +359,14 @@ def test_align_refusals_leave_the_folder_untouched(chain_dir, tmp_path):
     with pytest.raises(SurgeryError, match="classes"):
         align(folder, "fashion-mnist:classes=0-4", epochs=(1, 0), quiet=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == snapshot
-    align(folder, "digits", epochs=(1, 0), batch_size=32, quiet=True)
+    broken = _copy(chain_dir, tmp_path / "no-weights")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(SurgeryError):
+        align(broken, "digits", epochs=(1, 0), quiet=True)
+    assert not (broken / "align").exists()  # nothing written before the weights were read
+    align(folder, "digits", epochs=(1, 0), alpha=0.9, batch_size=32, quiet=True)  # alpha without a teacher: no effect
     done = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert align(folder, "digits", epochs=(1, 0), batch_size=32, quiet=True)["complete"]  # so the same run
     with pytest.raises(SurgeryError, match="aligned with other options"):
         align(folder, "digits", epochs=(1, 0), train="norms", batch_size=32, quiet=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == done
@@ -369,5 +385,12 @@ def test_cli_reassemble_align_evaluate(align_ws, tmp_path):
     assert abs(ev["top1"] - manifest["phases"]["final"]["test_acc"]) < 1e-9
     table = run_cli("align", str(folder), "--data", "digits", "--epochs", "1,1", "--batch-size", "32")
     assert "already aligned" in table.stderr and "test top-1" in table.stdout
+    # the whole path through the CLI: reassemble (stitches on unlabelled images), align, evaluate
+    cli_dir = tmp_path / "cli"
+    run_cli("reassemble", str(align_ws), "--data", "digits", "--top", "2", "--unlabeled", "64", "--proxy", "params",
+            "--out", str(cli_dir), "--json")
+    assert json.loads((cli_dir / "config.json").read_text())["stitch_images"] == 64
+    run_cli("align", str(cli_dir), "--data", "digits", "--epochs", "0,1", "--batch-size", "32", "--json")
+    assert run_cli("evaluate", str(cli_dir), "--data", "digits", "--json").json()["top1"] >= 0
     not_chain = run_cli("align", str(tmp_path), "--data", "digits", check=False)
     assert not_chain.returncode == 2 and "Traceback" not in not_chain.stderr

@@ -290,6 +290,12 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     except ValidationError as e:
         err = e.errors()[0]
         raise SurgeryError(f"bad option {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    if spec.teacher is None:  # distillation options without a teacher change nothing: not part of the identity
+        spec = spec.model_copy(update={"alpha": 0.5, "temperature": 1.0, "kd_unlabeled": 64})
+    elif (Path(spec.teacher) / "config.json").exists():  # the same folder however it was written
+        spec = spec.model_copy(update={"teacher": str(Path(spec.teacher).resolve())})
+    if spec.train == "stitches":
+        spec = spec.model_copy(update={"block_lr_scale": 0.1})
     if spec.frozen_warmup > spec.ft_epochs:
         raise SurgeryError(f"frozen_warmup ({spec.frozen_warmup}) must not exceed the FT epochs ({spec.ft_epochs})")
     recipe = read_recipe(model_dir)
@@ -303,11 +309,14 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
         return manifest
     loaders = _data(model_dir, recipe, spec)
     teacher_info = _teacher(spec, recipe)
-    run.mkdir(parents=True, exist_ok=True)
+    model = load(model_dir)  # a folder whose weights do not load fails here, before anything is written
     start = run / "start.safetensors"
+    done = sorted(p.parent.name for p in run.glob(f"*/{RESULT}")) if run.exists() else []
+    if done:
+        say(f"resuming the alignment in {run}: done already: {', '.join(done)}")
+    run.mkdir(parents=True, exist_ok=True)
     if not start.exists():
-        save_tensors(start, load_tensors(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    model = load(model_dir)
+        save_tensors(start, model.state_dict(), metadata={"format": "pt"})
     model.load_state_dict(load_tensors(start), strict=True)
     stages = [StagePlan.from_dict(s) for s in recipe["stages"]]
     modules = stage_modules(model)
@@ -318,7 +327,8 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     task_mt = _task(spec, teacher_info, 0.0, loaders)
     mt_warmup = min(1.0, spec.mt_epochs / 5)  # a fifth of a short run, as incubation's PT and MT
     task_ft = _task(spec, teacher_info, 0.1, loaders)
-    phases["start"] = {"val_acc": _accuracy(model, loaders["val"])}
+    phases["start"] = {"val_acc": _accuracy(model, loaders["val"]),
+                       "previously_aligned": "align" in recipe}
 
     if spec.mt_epochs == 0:
         phases["meta"] = {"phase": "meta", "skipped": "MT epochs 0"}
@@ -358,8 +368,8 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                 rec = _finish(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
                                           "(no stitch after this block)"})
             else:
-                say(f"MT {k + 1}/{K}: stage {k + 1} ({stages[k].model}) inside the meta model, "
-                    f"{spec.mt_epochs} epoch(s)")
+                say(f"MT {k + 1}/{K}: stage {k} ({stages[k].model}; stages count from 0 as in the model card) "
+                    f"inside the meta model, {spec.mt_epochs} epoch(s)")
                 hybrid = IncubationHybrid(list(meta_model.parts), module, k)
                 rec = _train(run, name, hybrid, loaders, spec, spec.mt_epochs, task_mt, warmup=mt_warmup,
                              trainable=params, lr_scale=scale, quiet=quiet)
@@ -376,11 +386,20 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
         model.load_state_dict(load_tensors(run / "assemble" / "model.safetensors"), strict=True)
     else:
         rec = {"phase": "assemble", "val_acc": _accuracy(model, loaders["val"])}
-        moved = [module for module in modules if module_parameters(module, spec.train)[0]] \
-            if spec.train != "stitches" else []
+        moved = [module for k, module in enumerate(modules)
+                 if spec.train != "stitches" and "skipped" not in phases.get(f"mt_{k}", {"skipped": True})]
+        before = {k: v.clone() for k, v in model.state_dict().items()}
         rec["norm_layers_recalibrated"] = recalibrate_norms(model, loaders["unlabeled"], max_batches=RECAL_BATCHES,
                                                             only=moved)
-        rec["val_acc_recalibrated"] = _accuracy(model, loaders["val"])
+        rec["val_acc_recalibrated"] = _accuracy(model, loaders["val"]) if rec["norm_layers_recalibrated"] \
+            else rec["val_acc"]
+        if rec["val_acc_recalibrated"] < rec["val_acc"]:
+            # the statistics MT collected serve the validation split better: kept (selection on val only)
+            model.load_state_dict(before, strict=True)
+            rec["recalibration_kept"] = False
+            rec["val_acc_recalibrated"] = rec["val_acc"]
+        else:
+            rec["recalibration_kept"] = bool(rec["norm_layers_recalibrated"])
         save_tensors(run / "assemble" / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
         rec = _finish(run, "assemble", rec)
     phases["assemble"] = _summary(rec)
@@ -434,22 +453,29 @@ def _pct(x: float | None) -> str:
 
 def _card(manifest: dict[str, Any]) -> str:
     s, p = manifest["spec"], manifest["phases"]
-    rows = [f"| reassembled (least-squares stitches) | {_pct(p['start']['val_acc'])} |",
+    first = ("start (weights of an earlier alignment)" if p["start"].get("previously_aligned")
+             else "reassembled (least-squares stitches)")
+    rows = [f"| {first} | {_pct(p['start']['val_acc'])} |",
             f"| meta model ({s['meta']}, closed-form head) | {_pct(p['meta'].get('val_acc_closed_form'))} |"]
     if s["meta"] == "pretrain":
         rows.append(f"| meta model after pre-training | {_pct(p['meta'].get('val_acc'))} |")
     for k in range(manifest["stages"]):
         rec = p.get(f"mt_{k}", {})
-        rows.append(f"| MT {k + 1}: stage {k + 1} in the meta model | "
-                    f"{_pct(rec.get('val_acc')) if 'skipped' not in rec else 'skipped (nothing to train)'} |")
-    rows += [f"| assembled | {_pct(p['assemble']['val_acc'])} |",
-             f"| assembled, norms recalibrated | {_pct(p['assemble']['val_acc_recalibrated'])} |"]
+        rows.append(f"| MT: stage {k} in the meta model | "
+                    f"{_pct(rec.get('val_acc')) if 'skipped' not in rec else 'skipped (' + rec['skipped'] + ')'} |")
+    rows.append(f"| assembled | {_pct(p['assemble']['val_acc'])} |")
+    if p["assemble"].get("norm_layers_recalibrated"):
+        kept = "kept" if p["assemble"].get("recalibration_kept") else "not kept: val fell"
+        rows.append(f"| assembled, norms re-estimated ({kept}) | {_pct(p['assemble']['val_acc_recalibrated'])} |")
     if "ft_frozen" in p:
         rows.append(f"| fine-tuned, blocks frozen ({s['frozen_warmup']} epochs) | {_pct(p['ft_frozen']['val_acc'])} |")
     rows.append(f"| fine-tuned ({s['ft_epochs']} epochs in all) | {_pct(p['final']['val_acc'])} |")
     teacher = f", teacher {manifest['teacher']} (alpha {s['alpha']}, T {s['temperature']})" if s["teacher"] else ""
+    fell = p["final"]["val_acc"] < p["start"]["val_acc"]
+    warn = (f"\n\n**Validation accuracy fell** ({_pct(p['start']['val_acc'])} -> {_pct(p['final']['val_acc'])} %): "
+            "the previous weights are in `align/start.safetensors`." if fell else "")
     return (f"## Alignment\n\nAligned by `surgery align` on `{s['data']}`: meta model `{s['meta']}`, MT trains "
             f"`{s['train']}` for {s['mt_epochs']} epoch(s) per stage, then {s['ft_epochs']} fine-tuning "
             f"epochs{teacher}.\n\n"
             "| step | val top-1 (%) |\n|---|---:|\n" + "\n".join(rows) +
-            f"\n\nHeld-out test top-1 after alignment: {_pct(p['final']['test_acc'])} %.")
+            f"\n\nHeld-out test top-1 after alignment: {_pct(p['final']['test_acc'])} %." + warn)
