@@ -243,8 +243,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['target']}: reassembled vs the best single zoo model within "
                         f"{summary['budget_gflops']:.4f} GFLOPs, all trained {summary['epochs']} "
                         f"epoch{'s' if summary['epochs'] != 1 else ''} "
-                        "with the same recipe (aligned: stitches incubated, then fine-tuned with the "
-                        "best single as teacher, whose training comes on top; top-1 %)",
+                        "with one recipe (aligned: incubated, then distilled from the best single; "
+                        "top-1 %)",
                   caption="\n".join(notes) or None)
     table.add_column("method", no_wrap=True)
     table.add_column("blocks from", no_wrap=True)
