@@ -536,7 +536,8 @@ def incubate(
         print(json_text(manifest))
 
 
-@app.command(epilog="Example: surgery align my-model --data digits --epochs 2,4 --teacher convnext-fm59")
+@app.command(epilog="Example: surgery align my-model --data digits:train_per_class=10 --epochs 3,27 "
+             "--teacher best-single")
 def align(
     model_dir: Annotated[Path, typer.Argument(help="A model folder of 'surgery reassemble' (or 'baseline').")],
     data: Annotated[str, typer.Option(help="Target data; its classes must be the model's.")],
@@ -564,7 +565,7 @@ def align(
 ) -> None:
     """Align a reassembled model's stitches by module incubation, then fine-tune it; the folder is updated in place.
 
-    Each stage (a donor block and the stitch after it) trains on its own inside a frozen meta model made of the other stages' donor blocks cut down to their interfaces; the stages are assembled, their batch-norm statistics re-estimated on target images, and the chain fine-tuned end to end. The model card records each step's accuracy; every phase resumes after an interruption (rerun the same command).
+    Each stage (a donor block and the stitch after it) trains on its own inside a frozen meta model made of the other stages' donor blocks cut down to their interfaces; the stages are assembled (batch-norm statistics that MT changed re-estimated on unlabelled target images) and the chain fine-tuned end to end. With --teacher (e.g. the fine-tuned best single model) the loss distils its logits, also on unlabelled target images: in the README's transfer benchmark that is what lifted a few-label chain above the best single model; MT alone did not help. The model card records each step's accuracy; every phase resumes after an interruption (rerun the same command).
     """  # noqa: E501  (one paragraph: the help text keeps the docstring's line breaks)
     from surgery.training.align_run import align as run_align
     from surgery.training.align_run import parse_epochs
