@@ -19,7 +19,6 @@ atomically, only when the run is complete.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -31,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.training.phases import RESULT, changed_fields, finish_phase, parse_counts, phase_done
 from surgery.workspace import load_tensors, read_json, save_tensors, write_json
 
 SCHEMA = "surgery.align/1"
 RUN_DIR = "align"
-RESULT = "result.json"
 RECAL_BATCHES = 20
 KD_POOL = 4096  # unlabelled images held for the distillation term (prepared once, on the CPU)
 
@@ -83,13 +82,9 @@ def parse_epochs(text: str) -> tuple[int, int]:
     Raises:
         SurgeryError: anything else (one line).
     """
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 2 or min(values) < 0 or sum(values) < 1:
-        raise SurgeryError(f"--epochs must be MT,FT epoch counts (e.g. 2,4; at least one epoch), got {text!r}")
+    values = parse_counts(text, ("MT", "FT"), "2,4", (0, 0))
+    if sum(values) < 1:
+        raise SurgeryError(f"--epochs must be MT,FT epoch counts with at least one epoch, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -168,21 +163,24 @@ def _single_recipe(ws, built) -> dict[str, Any]:
             "std": list(cfg.get("std") or (0.229, 0.224, 0.225))}
 
 
-def _task(spec: AlignSpec, teacher, label_smoothing: float, loaders):
+def _unlabeled_pool(loaders) -> torch.Tensor:
+    """Up to :data:`KD_POOL` unlabelled target images, prepared as the model's inputs (labels dropped)."""
+    images, held = [], 0
+    for x, _ in loaders["unlabeled"]:
+        images.append(x)
+        held += len(x)
+        if held >= KD_POOL:
+            break
+    return torch.cat(images)[:KD_POOL]
+
+
+def _task(spec: AlignSpec, teacher, label_smoothing: float, unlabeled: torch.Tensor | None):
     from surgery.training.distill import distillation_task
     from surgery.training.loop import classification_task
 
     if teacher is None:
         return classification_task(label_smoothing)
     model, conv, _ = teacher
-    unlabeled = None
-    if spec.kd_unlabeled:
-        images = []
-        for x, _ in loaders["unlabeled"]:  # labels dropped here
-            images.append(x)
-            if sum(len(i) for i in images) >= KD_POOL:
-                break
-        unlabeled = torch.cat(images)[:KD_POOL]
     return distillation_task(model, alpha=spec.alpha, temperature=spec.temperature,
                              label_smoothing=label_smoothing, converter=conv, unlabeled=unlabeled,
                              unlabeled_batch=spec.kd_unlabeled)
@@ -210,16 +208,6 @@ def _train(run: Path, name: str, model: nn.Module, loaders, spec: AlignSpec, epo
             "history": result.history}
 
 
-def _done(run: Path, name: str) -> dict[str, Any] | None:
-    path = run / name / RESULT
-    return read_json(path, what=f"{name} result") if path.exists() else None
-
-
-def _finish(run: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    write_json(run / name / RESULT, record)
-    return record
-
-
 def _accuracy(model: nn.Module, loader) -> float:
     from surgery.training.loop import evaluate
 
@@ -228,8 +216,6 @@ def _accuracy(model: nn.Module, loader) -> float:
 
 def _check_run(run: Path, spec: AlignSpec) -> dict[str, Any] | None:
     """The manifest of the same spec, None for a new run; refuses another spec's run (one line)."""
-    from surgery.training.incubation_run import _flatten
-
     path = run / "align.json"
     if not path.exists():
         return None
@@ -240,10 +226,8 @@ def _check_run(run: Path, spec: AlignSpec) -> dict[str, Any] | None:
         old = AlignSpec.model_validate(manifest["spec"]).model_dump(mode="json")
     except ValidationError:
         old = manifest["spec"]
-    a, b = _flatten(old), _flatten(spec.model_dump(mode="json"))
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if changed:
-        shown = "; ".join(f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in changed[:3])
+    shown = changed_fields(old, spec.model_dump(mode="json"))
+    if shown:
         raise SurgeryError(f"{run.parent} was aligned with other options ({shown}); give the same options to resume, "
                            f"or align a fresh copy (the reassembled weights are in {run / 'start.safetensors'})")
     return manifest
@@ -324,23 +308,31 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     phases: dict[str, Any] = {}
     write_json(run / "align.json", {"schema": SCHEMA, "spec": spec.model_dump(mode="json"), "complete": False,
                                     "stages": K, "phases": phases})
-    task_mt = _task(spec, teacher_info, 0.0, loaders)
+    pool = _unlabeled_pool(loaders) if teacher_info is not None and spec.kd_unlabeled else None  # once, for MT and FT
+    task_mt = _task(spec, teacher_info, 0.0, pool)
     mt_warmup = min(1.0, spec.mt_epochs / 5)  # a fifth of a short run, as incubation's PT and MT
-    task_ft = _task(spec, teacher_info, 0.1, loaders)
+    task_ft = _task(spec, teacher_info, 0.1, pool)
     phases["start"] = {"val_acc": _accuracy(model, loaders["val"]),
                        "previously_aligned": "align" in recipe}
 
+    finished = [phase_done(run, name) for name in ("meta", *(f"mt_{k}" for k in range(K)))]
     if spec.mt_epochs == 0:
         phases["meta"] = {"phase": "meta", "skipped": "MT epochs 0"}
         for k in range(K):
             phases[f"mt_{k}"] = {"phase": f"mt_{k}", "skipped": "MT epochs 0"}
+    elif all(rec is not None for rec in finished):  # resumed past MT: the meta model is not needed again
+        phases["meta"] = _summary(finished[0])
+        for k, (module, rec) in enumerate(zip(modules, finished[1:], strict=True)):
+            if "skipped" not in rec:
+                module.load_state_dict(load_tensors(run / f"mt_{k}" / "module.safetensors"), strict=True)
+            phases[f"mt_{k}"] = _summary(rec)
     else:
         # 1. meta model
         t0 = time.perf_counter()
         meta_model, infos = truncated_meta(model, stages, loaders["train_eval"])
         kept = ", ".join(f"{i['kept']}/{i['sub_blocks']}" for i in infos)
         say(f"meta model: {kept} sub-blocks kept per stage")
-        if (rec := _done(run, "meta")) is not None:
+        if (rec := phase_done(run, "meta")) is not None:
             if spec.meta == "pretrain":
                 meta_model.load_state_dict(load_tensors(run / "meta" / "meta.safetensors"), strict=True)
         else:
@@ -353,7 +345,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                                   quiet=quiet))
                 save_tensors(run / "meta" / "meta.safetensors", meta_model.state_dict(), metadata={"format": "pt"})
             rec["wall_s_total"] = round(time.perf_counter() - t0, 3)
-            rec = _finish(run, "meta", rec)
+            rec = finish_phase(run, "meta", rec)
         meta_model.requires_grad_(False)
         phases["meta"] = _summary(rec)
 
@@ -361,11 +353,11 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
         for k, module in enumerate(modules):
             name = f"mt_{k}"
             params, scale = module_parameters(module, spec.train, spec.block_lr_scale)
-            if (rec := _done(run, name)) is not None:
+            if (rec := phase_done(run, name)) is not None:
                 if params:
                     module.load_state_dict(load_tensors(run / name / "module.safetensors"), strict=True)
             elif not params:
-                rec = _finish(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
+                rec = finish_phase(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
                                           "(no stitch after this block)"})
             else:
                 say(f"MT {k + 1}/{K}: stage {k} ({stages[k].model}; stages count from 0 as in the model card) "
@@ -375,33 +367,36 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                              trainable=params, lr_scale=scale, quiet=quiet)
                 rec["trained_params"] = int(sum(p.numel() for p in params))
                 save_tensors(run / name / "module.safetensors", module.state_dict(), metadata={"format": "pt"})
-                rec = _finish(run, name, rec)
+                rec = finish_phase(run, name, rec)
             phases[name] = _summary(rec)
 
     # 3. assemble: the modules are the chain's parts. Batch-norm layers that MT ran in train mode collected
     # their statistics on the meta model's activations: re-estimated on unlabelled target images. The
     # others keep the source model's statistics, which the closed-form head and the stitches were fitted
     # to (re-estimating those too cost 50 val points on a few-label digits chain, measured).
-    if (rec := _done(run, "assemble")) is not None:
+    if (rec := phase_done(run, "assemble")) is not None:
         model.load_state_dict(load_tensors(run / "assemble" / "model.safetensors"), strict=True)
     else:
         rec = {"phase": "assemble", "val_acc": _accuracy(model, loaders["val"])}
         moved = [module for k, module in enumerate(modules)
                  if spec.train != "stitches" and "skipped" not in phases.get(f"mt_{k}", {"skipped": True})]
-        before = {k: v.clone() for k, v in model.state_dict().items()}
+        # only the layers recalibrated can change: their buffers are all a revert needs
+        before = [{k: v.clone() for k, v in _bn_buffers(m).items()} for m in moved]
         rec["norm_layers_recalibrated"] = recalibrate_norms(model, loaders["unlabeled"], max_batches=RECAL_BATCHES,
                                                             only=moved)
         rec["val_acc_recalibrated"] = _accuracy(model, loaders["val"]) if rec["norm_layers_recalibrated"] \
             else rec["val_acc"]
         if rec["val_acc_recalibrated"] < rec["val_acc"]:
             # the statistics MT collected serve the validation split better: kept (selection on val only)
-            model.load_state_dict(before, strict=True)
+            for m, saved in zip(moved, before, strict=True):
+                for key, value in _bn_buffers(m).items():
+                    value.copy_(saved[key])
             rec["recalibration_kept"] = False
             rec["val_acc_recalibrated"] = rec["val_acc"]
         else:
             rec["recalibration_kept"] = bool(rec["norm_layers_recalibrated"])
         save_tensors(run / "assemble" / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
-        rec = _finish(run, "assemble", rec)
+        rec = finish_phase(run, "assemble", rec)
     phases["assemble"] = _summary(rec)
 
     # 4. FT: end to end (optionally stitches and head first)
@@ -409,14 +404,14 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                                    ("ft", spec.ft_epochs - spec.frozen_warmup, "none")):
         if n_epochs <= 0:
             continue
-        if (rec := _done(run, name)) is not None:
+        if (rec := phase_done(run, name)) is not None:
             model.load_state_dict(load_tensors(run / name / "model.safetensors"), strict=True)
         else:
             say(f"fine-tuning {'stitches and head' if freeze == 'blocks' else 'end to end'} for {n_epochs} epoch(s)")
             rec = _train(run, name, model, loaders, spec, n_epochs, task_ft, warmup=min(1.0, n_epochs / 4),
                          freeze=freeze, quiet=quiet)
             save_tensors(run / name / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
-            rec = _finish(run, name, rec)
+            rec = finish_phase(run, name, rec)
         phases[name] = _summary(rec)
     model.eval()
     phases["final"] = {"val_acc": _accuracy(model, loaders["val"]), "test_acc": _accuracy(model, loaders["test"])}
@@ -425,6 +420,12 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     _save(model_dir, model, recipe, manifest)
     write_json(run / "align.json", manifest)
     return manifest
+
+
+def _bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of a module's batch-norm layers, by qualified name (tensors, not copies)."""
+    return {f"{name}.{b}": buf for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for b, buf in m.named_buffers(recurse=False)}
 
 
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:

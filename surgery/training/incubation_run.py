@@ -26,7 +26,6 @@ parts: the usual backward = 2x forward rule).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -53,11 +52,11 @@ from surgery.training.incubation import (
     module_state,
     plan_modules,
 )
+from surgery.training.phases import changed_fields, finish_phase, parse_counts, phase_done
 from surgery.workspace import load_tensors, read_json, save_tensors, write_json
 
 MANIFEST = "incubation.json"
 SCHEMA = "surgery.incubation/1"
-RESULT = "result.json"
 VAL_FRACTION = 0.1
 
 __all__ = ["IncubationSpec", "incubate", "parse_epochs", "MANIFEST", "SCHEMA"]
@@ -100,14 +99,7 @@ def parse_epochs(text: str) -> tuple[int, int, int]:
     Raises:
         SurgeryError: anything else (one line).
     """
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 0 or values[1] < 1:
-        raise SurgeryError(f"--epochs must be PT,MT,FT epoch counts (e.g. 3,1,1; MT at least 1), got {text!r}")
-    return values  # type: ignore[return-value]
+    return parse_counts(text, ("PT", "MT", "FT"), "3,1,1", (0, 1, 0))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- building (per process)
@@ -260,24 +252,14 @@ def _train_phase(run: Path, name: str, model: nn.Module, b: Built, splits, epoch
             "resumed": resume, "history": result.history}
 
 
-def _done(run: Path, name: str) -> dict[str, Any] | None:
-    path = run / name / RESULT
-    return read_json(path, what=f"{name} result") if path.exists() else None
-
-
-def _finish(run: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    write_json(run / name / RESULT, record)
-    return record
-
-
 def run_pt(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
     """PT: the meta model trained end to end; writes ``pt/meta.safetensors``."""
-    if (rec := _done(run, "pt")) is not None:
+    if (rec := phase_done(run, "pt")) is not None:
         return rec
     epochs = b.spec.epochs[0]
     record = _train_phase(run, "pt", b.meta, b, splits, epochs, macs_per_image=3 * sum(b.meta_plan.macs), quiet=quiet)
     save_tensors(run / "pt" / "meta.safetensors", b.meta.state_dict(), metadata={"format": "pt"})
-    return _finish(run, "pt", record)
+    return finish_phase(run, "pt", record)
 
 
 def load_meta(run: Path, b: Built) -> None:
@@ -289,7 +271,7 @@ def load_meta(run: Path, b: Built) -> None:
 def run_mt(run: Path, b: Built, splits, k: int, quiet: bool) -> dict[str, Any]:
     """MT_k: module k inside the frozen meta model; writes ``mt_k/module.safetensors``."""
     name = f"mt_{k}"
-    if (rec := _done(run, name)) is not None:
+    if (rec := phase_done(run, name)) is not None:
         return rec
     load_meta(run, b)
     if b.spec.init == "meta":
@@ -301,7 +283,7 @@ def run_mt(run: Path, b: Built, splits, k: int, quiet: bool) -> dict[str, Any]:
     record = _train_phase(run, name, hybrid, b, splits, b.spec.epochs[1], trainable=hybrid.trainable_parameters(),
                           macs_per_image=cost, quiet=quiet)
     save_tensors(run / name / "module.safetensors", module_state(b.modules[k]), metadata={"format": "pt"})
-    return _finish(run, name, record)
+    return finish_phase(run, name, record)
 
 
 def _worker_init(threads: int) -> None:
@@ -349,7 +331,7 @@ def assemble(run: Path, b: Built, splits) -> dict[str, Any]:
     from surgery.training.incubation import recalibrate_norms
     from surgery.training.loop import evaluate
 
-    if (rec := _done(run, "assemble")) is not None:
+    if (rec := phase_done(run, "assemble")) is not None:
         b.target.load_state_dict(load_tensors(run / "assemble" / "model.safetensors"), strict=True)
         return rec
     states = [load_tensors(run / f"mt_{k}" / "module.safetensors") for k in range(b.plan.k)]
@@ -364,7 +346,7 @@ def assemble(run: Path, b: Built, splits) -> dict[str, Any]:
     record["test_acc"] = evaluate(b.target, test_loader)["top1"]
     record["wall_s"] = round(time.perf_counter() - t0, 3)
     save_tensors(run / "assemble" / "model.safetensors", b.target.state_dict(), metadata={"format": "pt"})
-    return _finish(run, "assemble", record)
+    return finish_phase(run, "assemble", record)
 
 
 def run_ft(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
@@ -372,7 +354,7 @@ def run_ft(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
     from surgery.training.loop import evaluate
 
     epochs = b.spec.epochs[2]
-    if (rec := _done(run, "ft")) is not None or epochs == 0:
+    if (rec := phase_done(run, "ft")) is not None or epochs == 0:
         if epochs > 0:
             b.target.load_state_dict(load_tensors(run / "ft" / "final.safetensors"), strict=True)
         return rec or {"phase": "ft", "epochs": 0, "skipped": True}
@@ -380,7 +362,7 @@ def run_ft(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
     _, _, test_loader = _loaders(b, splits)
     record["test_acc"] = evaluate(b.target, test_loader)["top1"]
     save_tensors(run / "ft" / "final.safetensors", b.target.state_dict(), metadata={"format": "pt"})
-    return _finish(run, "ft", record)
+    return finish_phase(run, "ft", record)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -402,23 +384,11 @@ def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     except ValidationError:
         old = manifest["spec"]
     new = spec.model_dump(mode="json")
-    a, b = _flatten(old), _flatten(new)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if changed:
-        shown = "; ".join(f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in changed[:3])
+    shown = changed_fields(old, new)
+    if shown:
         raise SurgeryError(f"{run} holds another incubation run ({shown}); give a new --out, or the same options "
                            "to resume it")
     return manifest
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{"model.model_kwargs.depth": 4, ...}`` (so a message names the one field that differs)."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _threads_per_job(jobs: int) -> int:
@@ -432,13 +402,13 @@ def _threads_per_job(jobs: int) -> int:
 def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, quiet: bool,
                  report: Callable[[str], None]) -> list[dict[str, Any]]:
     k = b.plan.k
-    todo = [i for i in range(k) if _done(run, f"mt_{i}") is None]
+    todo = [i for i in range(k) if phase_done(run, f"mt_{i}") is None]
     if jobs <= 1 or len(todo) <= 1:
         for i in range(k):
             if i in todo:
                 report(f"MT_{i}: module {i} of {k} in the frozen meta model, {b.spec.epochs[1]} epochs")
             run_mt(run, b, splits, i, quiet)
-        return [_done(run, f"mt_{i}") for i in range(k)]
+        return [phase_done(run, f"mt_{i}") for i in range(k)]
     workers = min(jobs, len(todo))
     threads = _threads_per_job(workers)
     report(f"MT: {len(todo)} of {k} module jobs to run, {b.spec.epochs[1]} epochs each, in {workers} processes x "
@@ -456,7 +426,7 @@ def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, quiet: bool,
         _stop_workers(pool)  # Ctrl-C or a failed job: the others stop too; finished phases stay done
         raise
     pool.shutdown()
-    return [_done(run, f"mt_{i}") for i in range(k)]
+    return [phase_done(run, f"mt_{i}") for i in range(k)]
 
 
 def _phase_summary(rec: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -604,7 +574,7 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     run.mkdir(parents=True, exist_ok=True)
     phases: dict[str, Any] = {"pt": None, **{f"mt_{k}": None for k in range(b.plan.k)}, "assemble": None, "ft": None}
     for name in phases:
-        phases[name] = _done(run, name)
+        phases[name] = phase_done(run, name)
     wanted = [n for n in phases if not (n == "pt" and epochs[0] == 0) and not (n == "ft" and epochs[2] == 0)]
     finished = all(phases[n] is not None for n in wanted) and (run / "config.json").exists()
     if existing is not None:
@@ -630,7 +600,7 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
     stored = (f" (batch-norm statistics re-estimated on training images; with the modules' stored statistics: "
               f"test top-1 {asm['test_acc_stored_stats']:.4f})" if "test_acc_stored_stats" in asm else "")
     report(f"assembled (before fine-tuning): val top-1 {asm['val_acc']:.4f}, test top-1 {asm['test_acc']:.4f}{stored}")
-    if epochs[2] > 0 and _done(run, "ft") is None:
+    if epochs[2] > 0 and phase_done(run, "ft") is None:
         report(f"FT: the assembled model end to end, {epochs[2]} epochs")
     phases["ft"] = run_ft(run, b, splits, quiet)
     manifest = _write_manifest(run, b, phases)

@@ -1,0 +1,66 @@
+"""Run folders of phased training methods (``surgery incubate``, ``surgery align``): what they share.
+
+A run is a folder with one sub-folder per phase; a phase is done when its ``result.json`` exists, so
+a rerun skips it. A manifest records the spec that made the run; a rerun with another spec is refused
+with a message naming the fields that differ.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.workspace import read_json, write_json
+
+RESULT = "result.json"
+
+__all__ = ["RESULT", "phase_done", "finish_phase", "changed_fields", "parse_counts"]
+
+
+def phase_done(run: Path, name: str) -> dict[str, Any] | None:
+    """The record of a finished phase, None when it has not finished."""
+    path = run / name / RESULT
+    return read_json(path, what=f"{name} result") if path.exists() else None
+
+
+def finish_phase(run: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Mark a phase finished by writing its record (atomically); returns the record."""
+    write_json(run / name / RESULT, record)
+    return record
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"model.model_kwargs.depth": 4, ...}`` (so a message names the one field that differs)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], shown: int = 3) -> str:
+    """``"field: old -> new; ..."`` for the (at most ``shown``) fields that differ, "" when none do."""
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in changed[:shown])
+
+
+def parse_counts(text: str, names: Sequence[str], example: str, minimum: Sequence[int]) -> tuple[int, ...]:
+    """``"3,1,1"`` -> epoch counts, one per phase name, each at least its ``minimum``.
+
+    Raises:
+        SurgeryError: anything else, in one line naming the phases and the example.
+    """
+    try:
+        values = tuple(int(p.strip()) for p in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != len(names) or any(v < m for v, m in zip(values, minimum, strict=True)):
+        lows = "; ".join(f"{n} at least {m}" for n, m in zip(names, minimum, strict=True) if m > 0)
+        raise SurgeryError(f"--epochs must be {','.join(names)} epoch counts (e.g. {example}"
+                           f"{'; ' + lows if lows else ''}), got {text!r}")
+    return values
