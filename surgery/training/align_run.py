@@ -357,8 +357,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                 if params:
                     module.load_state_dict(load_tensors(run / name / "module.safetensors"), strict=True)
             elif not params:
-                rec = finish_phase(run, name, {"phase": name, "skipped": f"nothing to train with --train {spec.train} "
-                                          "(no stitch after this block)"})
+                rec = finish_phase(run, name, {"phase": name, "skipped": "no stitch after this block"})
             else:
                 say(f"MT {k + 1}/{K}: stage {k} ({stages[k].model}; stages count from 0 as in the model card) "
                     f"inside the meta model, {spec.mt_epochs} epoch(s)")
