@@ -28,7 +28,7 @@ from surgery.errors import WorkspaceError
 from surgery.spec import TensorSpec
 from surgery.stitch import Head, Stitch, make_head, make_stitch
 from surgery.token_context import needs_token_context, token_context_from_timm
-from surgery.workspace import load_tensors, read_manifest, save_tensors, write_json
+from surgery.workspace import load_tensors, read_manifest, save_tensors, write_json, write_text
 from zoo.entries import ZooEntry, build_model
 
 RECIPE_SCHEMA = "surgery.reassembled/1"
@@ -158,9 +158,7 @@ def save(model: ReassembledModel, out_dir: str | os.PathLike, recipe: dict[str, 
     state = {k: v for k, v in model.state_dict().items()}
     save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "schema": RECIPE_SCHEMA})
     write_json(out / "config.json", {"schema": RECIPE_SCHEMA, **recipe})
-    tmp = out / "README.md.tmp"
-    tmp.write_text(card)
-    os.replace(tmp, out / "README.md")
+    write_text(out / "README.md", card)
     return out
 
 

@@ -63,14 +63,24 @@ def model_dirname(name: str) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, all_ranks: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     The temporary file lives in the destination folder so the final ``os.replace`` is atomic on
     POSIX. On an exception the temporary file is removed and ``path`` is left untouched. The file
     gets the mode a plain write would give it (:func:`new_file_mode`), not ``mkstemp``'s 0600.
+
+    Under torch.distributed only rank 0 writes (:mod:`surgery.distributed`): other ranks get a
+    private temporary file that is discarded, so the ranks of one command never race on a file.
+    ``all_ranks=True`` is for files each rank owns (a rank's share of a feature cache).
     """
+    from surgery import distributed
+
     path = Path(path)
+    if not all_ranks and not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="surgery-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -82,6 +92,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8), atomically; rank 0 only under torch.distributed."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -128,12 +144,16 @@ def read_manifest(path: str | os.PathLike, schema: str, *, what: str, missing: s
     return data
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a dict of tensors as safetensors, atomically (contiguous CPU copies, no shared storage)."""
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None, *,
+                 all_ranks: bool = False) -> None:
+    """Save a dict of tensors as safetensors, atomically (contiguous CPU copies, no shared storage).
+
+    Rank 0 only under torch.distributed unless ``all_ranks`` (see :func:`atomic_path`).
+    """
     from safetensors.torch import save_file
 
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, all_ranks=all_ranks) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
 
 

@@ -27,8 +27,15 @@ def phase_done(run: Path, name: str) -> dict[str, Any] | None:
 
 
 def finish_phase(run: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Mark a phase finished by writing its record (atomically); returns the record."""
+    """Mark a phase finished by writing its record (atomically); returns the record.
+
+    Under torch.distributed rank 0 writes and every rank waits for it: the next phase may read
+    what this one wrote.
+    """
+    from surgery import distributed
+
     write_json(run / name / RESULT, record)
+    distributed.barrier()
     return record
 
 

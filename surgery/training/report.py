@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +81,18 @@ def _acc(value: float | None, digits: int) -> str:
 
 
 def append_jsonl(path: Path | None, record: dict[str, Any]) -> None:
-    """Append one JSON line to ``path`` (no-op for ``None``)."""
-    if path is not None:
+    """Append one JSON line to ``path`` (no-op for ``None``, and on ranks other than 0)."""
+    from surgery import distributed
+
+    if path is not None and distributed.is_main():
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(path: Path, done_epochs: int) -> None:
     """Drop lines of epochs after the checkpoint (a crash mid-epoch leaves step lines behind)."""
+    from surgery.workspace import write_text
+
     if not path.exists():
         return
     kept = []
@@ -99,6 +102,4 @@ def truncate_metrics(path: Path, done_epochs: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue  # a torn last line from the crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(k + "\n" for k in kept))
