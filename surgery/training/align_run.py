@@ -29,9 +29,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from surgery import distributed
 from surgery.errors import SurgeryError
 from surgery.training.phases import RESULT, changed_fields, finish_phase, parse_counts, phase_done
-from surgery.workspace import load_tensors, read_json, save_tensors, write_json
+from surgery.workspace import load_tensors, read_json, save_tensors, write_json, write_text
 
 SCHEMA = "surgery.align/1"
 RUN_DIR = "align"
@@ -264,7 +265,8 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     from surgery.training.align import module_parameters, stage_modules, truncated_meta
     from surgery.training.incubation import IncubationHybrid, recalibrate_norms
 
-    say = log or (lambda msg: None)
+    distributed.init_from_env()
+    say = log if log is not None and distributed.is_main() else (lambda msg: None)
     model_dir = Path(model_dir)
     try:
         spec = AlignSpec(data=data, mt_epochs=epochs[0], ft_epochs=epochs[1], meta=meta, train=train,
@@ -301,6 +303,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
     run.mkdir(parents=True, exist_ok=True)
     if not start.exists():
         save_tensors(start, model.state_dict(), metadata={"format": "pt"})
+    distributed.barrier()  # rank 0 has written the start weights every rank loads next
     model.load_state_dict(load_tensors(start), strict=True)
     stages = [StagePlan.from_dict(s) for s in recipe["stages"]]
     modules = stage_modules(model)
@@ -442,9 +445,7 @@ def _save(model_dir: Path, model: nn.Module, recipe: dict[str, Any], manifest: d
     card_path = model_dir / "README.md"
     card = card_path.read_text() if card_path.exists() else "# Reassembled model\n"
     card = card.split("\n## Alignment")[0].rstrip() + "\n\n" + _card(manifest) + "\n"
-    tmp = card_path.with_suffix(".md.tmp")
-    tmp.write_text(card)
-    os.replace(tmp, card_path)
+    write_text(card_path, card)
 
 
 def _pct(x: float | None) -> str:

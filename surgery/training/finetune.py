@@ -74,6 +74,9 @@ def finetune_model_dir(model_dir: str | Path, data: str, *, epochs: int = 5, bat
     Returns:
         A summary: history, best and last validation accuracy, held-out test accuracy.
     """
+    from surgery import distributed
+
+    distributed.init_from_env()
     model_dir = Path(model_dir)
     recipe = read_recipe(model_dir)
     model = load(model_dir)
@@ -87,6 +90,7 @@ def finetune_model_dir(model_dir: str | Path, data: str, *, epochs: int = 5, bat
                "best_val_acc": result.best_val_acc, "last_val_acc": result.last_val_acc,
                "test_top1": test["top1"], "test_loss": test["loss"], "history": result.history}
     write_json(model_dir / "finetune.json", summary)
+    distributed.barrier()  # the folder is complete on disk before any rank returns
     return summary
 
 

@@ -74,6 +74,7 @@ from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from surgery import distributed
 from surgery.errors import SurgeryError
 from surgery.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -390,7 +391,7 @@ def _is_channels_last(model: nn.Module) -> bool:
 
 def evaluate(
     model: nn.Module, loader: Any, device: str | torch.device | None = None, *, amp: bool = False,
-    channels_last: bool | None = None,
+    channels_last: bool | None = None, shard: bool | None = None,
 ) -> dict[str, float | int]:
     """Top-1 accuracy and mean cross-entropy (no label smoothing) of ``model`` on ``loader``.
 
@@ -400,9 +401,13 @@ def evaluate(
         device: where to run; None uses the device of the model's parameters.
         amp: autocast (float16) on CUDA.
         channels_last: feed NHWC inputs; None does so when the model's convolutions are NHWC.
+        shard: under torch.distributed, each rank evaluates every W-th sample of the loader's data
+            set and the sums are reduced (every rank gets the full-set figures; every rank must
+            call). None: whenever a process group is active. The model must be the same on all ranks.
 
     Returns:
-        ``{"top1": fraction in [0, 1], "loss": mean per sample, "n": samples, "images_per_s": float}``.
+        ``{"top1": fraction in [0, 1], "loss": mean per sample, "n": samples, "images_per_s": float}``
+        (``images_per_s`` over all ranks when sharded).
     """
     if device is None:
         dev = _model_device(model)
@@ -410,6 +415,9 @@ def evaluate(
         dev = _resolve_device(str(device)) if isinstance(device, str) else device
         model.to(dev)
     cl = _is_channels_last(model) if channels_last is None else channels_last
+    shard = distributed.active() if shard is None else shard and distributed.active()
+    if shard:
+        loader = distributed.shard_eval_loader(loader)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -424,6 +432,10 @@ def evaluate(
                 loss_sum += F.cross_entropy(logits, y, reduction="sum")
                 correct += (logits.argmax(-1) == y).sum()
                 n += y.shape[0]
+        if shard:
+            count = torch.tensor(n, dtype=torch.int64, device=dev)
+            distributed.all_reduce_sum(loss_sum, correct, count)
+            n = int(count.item())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     finally:
@@ -435,6 +447,57 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- training
+
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # the attribute DDP's ignore list is kept in
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
+
+
+def _wrap_ddp(model: nn.Module, trainable_ids: set[int], frozen_norms: list[nn.Module],
+              device: torch.device) -> nn.Module:
+    """DDP over the trainable part only (timm's training-task rule).
+
+    Frozen parameters (a meta model around an incubated module, pretrained blocks under
+    ``freeze="blocks"``) and the buffers of frozen norm layers are registered as ignored, so DDP
+    neither broadcasts nor buckets nor all-reduces them; only trainable parameters and the running
+    statistics of trainable norms are synchronised. ``_set_params_and_buffers_to_ignore_for_model``
+    is DDP's own (underscored) hook for exactly this, used by torch's FSDP and torchrec; wrapping
+    submodules instead would rename every key of the model's state dict.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen_norm_ids = {id(m) for m in frozen_norms}
+    ignored = [n for n, p in model.named_parameters() if id(p) not in trainable_ids]
+    ignored += [f"{mn}.{bn}" if mn else bn for mn, m in model.named_modules() if id(m) in frozen_norm_ids
+                for bn, _ in m.named_buffers(recurse=False)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _reduce_epoch(model: nn.Module, loss_sum: torch.Tensor, correct: torch.Tensor,
+                  term_sums: dict[str, torch.Tensor], seen: int, scored: int,
+                  device: torch.device) -> tuple[int, int]:
+    """Sum an epoch's running figures over the ranks (in place) and give every rank rank 0's buffers.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step each rank's
+    batch-norm statistics hold one local update; rank 0's are what the checkpoint saves, and
+    validation must see the same model on every rank.
+    """
+    counts = torch.tensor([seen, scored], dtype=torch.float64, device=device)
+    names = sorted(term_sums)
+    terms = torch.stack([term_sums[n].to(torch.float64) for n in names]) if names else None
+    distributed.all_reduce_sum(loss_sum, correct, counts, *([terms] if terms is not None else []))
+    for i, name in enumerate(names):
+        term_sums[name] = terms[i]
+    ignored = set(getattr(model, _DDP_IGNORE, ()))
+    for name, buf in model.named_buffers():
+        if name not in ignored:
+            torch.distributed.broadcast(buf, src=0)
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def _seed_everything(seed: int) -> None:
@@ -491,7 +554,9 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise SurgeryError("resume=True needs out_dir")
-    device = _resolve_device(config.device)
+    dist_on = distributed.init_from_env()
+    world = distributed.world_size()
+    device = distributed.device_for_rank(_resolve_device(config.device))
     use_amp = device.type == "cuda" and config.amp in (True, "auto")
     if config.amp is True and device.type != "cuda":
         warnings.warn("amp=True ignored: mixed precision is used on CUDA only", stacklevel=2)
@@ -503,6 +568,9 @@ def train(
     loader_gen = torch.Generator().manual_seed(config.seed)
     train_loader = _as_loader(train_loader, config, shuffle=True, generator=loader_gen)
     val_loader = _as_loader(val_loader, config, shuffle=False, generator=None)
+    if dist_on:  # same global batch, a 1/W share per rank (evaluate() shards the val set itself)
+        train_loader = distributed.shard_train_loader(train_loader, config.seed)
+    quiet = quiet or not distributed.is_main()
     try:
         steps_per_epoch = len(train_loader)
     except TypeError:
@@ -521,6 +589,7 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    net = _wrap_ddp(model, trainable_ids, frozen_norms, device) if dist_on else model
     optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay, config.lr, lr_scale), lr=config.lr)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -535,6 +604,8 @@ def train(
     metrics_path = out / "metrics.jsonl" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    # Every rank has read what it needs to decide before rank 0 removes an older run's files.
+    distributed.barrier()
     if resume:
         folder = find_checkpoint(out)
         if folder is None:
@@ -544,7 +615,9 @@ def train(
                          if state["config"].get(k) != v and k not in _RESUME_FREE_FIELDS)
         if state["steps_per_epoch"] != steps_per_epoch:
             changed.append(f"steps_per_epoch {state['steps_per_epoch']} -> {steps_per_epoch}")
-        if changed:
+        if state.get("world_size", 1) != world:
+            changed.append(f"processes {state.get('world_size', 1)} -> {world}")
+        if changed and distributed.is_main():
             warnings.warn(f"resuming with a changed config ({', '.join(changed)}): results will differ from "
                           "an uninterrupted run", stacklevel=2)
         load_model(model, folder / "model.safetensors", strict=True, device=str(device))
@@ -555,9 +628,10 @@ def train(
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, global_step, history = state["epoch"], state["step"], list(state["history"])
-        set_rng_state(state["rng"], train_loader)
+        if not dist_on:  # under a group every epoch reseeds from (seed, epoch, rank) instead
+            set_rng_state(state["rng"], train_loader)
         truncate_metrics(metrics_path, start_epoch)
-    elif out is not None:
+    elif out is not None and distributed.is_main():
         # A fresh run starts a fresh log, and drops an older run's checkpoint so that a crash in its
         # first epoch can never be "resumed" from someone else's weights.
         metrics_path.unlink(missing_ok=True)
@@ -574,6 +648,11 @@ def train(
             sampler = getattr(train_loader, "sampler", None)
             if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler-style reshuffle
                 sampler.set_epoch(epoch)
+            if dist_on:
+                # Dropout, augmentation and a task's own draws differ per rank but depend only on
+                # (seed, epoch, rank): a run resumed at an epoch boundary, with any number of
+                # processes, needs no saved per-rank RNG state.
+                _seed_everything(_rank_seed(config.seed, epoch, distributed.rank()))
             reporter.start_epoch(epoch + 1)
             # Running sums stay on the device; reading them only at log points avoids a sync per step.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -584,7 +663,7 @@ def train(
             for i, batch in enumerate(train_loader):
                 x, y = _batch_to(batch, device, channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    result = task(model, x, y)
+                    result = task(net, x, y)
                 if not isinstance(result, dict) or not isinstance(result.get("loss"), torch.Tensor):
                     raise SurgeryError("a training task must return a dict with a tensor 'loss' (and 'output' logits)")
                 loss, logits = result["loss"].float(), result.get("output")
@@ -617,6 +696,8 @@ def train(
                     }
                     append_jsonl(metrics_path, step_metrics)
                 reporter.step(epoch + 1, i + 1, step_metrics)
+            if dist_on:
+                seen, scored = _reduce_epoch(model, loss_sum, correct, term_sums, seen, scored, device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = max(time.perf_counter() - start, 1e-9)
@@ -640,7 +721,7 @@ def train(
             history.append(record)
             append_jsonl(metrics_path, record)
             reporter.end_epoch(record)
-            if out is not None:
+            if out is not None and distributed.is_main():
                 # Saved after validation: the RNG state is then exactly where the next epoch begins.
                 state = {
                     "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": global_step,
@@ -648,15 +729,18 @@ def train(
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": dict(ema.module.state_dict()) if ema is not None else None,
                     "rng": rng_state(train_loader), "history": history,
-                    "config": config.model_dump(mode="json"),
+                    "config": config.model_dump(mode="json"), "world_size": world,
                 }
                 checkpoint = save_checkpoint(out, model, state)
     finally:
         reporter.close()
+        if hasattr(model, _DDP_IGNORE):
+            delattr(model, _DDP_IGNORE)
         for p in model.parameters():
             p.requires_grad_(original_grad.get(id(p), True))
         model.train(was_training)
 
+    distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads it
     if checkpoint is None and out is not None:
         checkpoint = find_checkpoint(out)  # resumed a run that was already complete
     vals = [(r["val_acc"], r["epoch"]) for r in history if r["val_acc"] is not None]
