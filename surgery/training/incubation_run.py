@@ -27,10 +27,8 @@ parts: the usual backward = 2x forward rule).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +51,7 @@ from surgery.training.incubation import (
     plan_modules,
 )
 from surgery.training.phases import changed_fields, finish_phase, parse_counts, phase_done
-from surgery.workspace import load_tensors, read_json, save_tensors, write_json
+from surgery.workspace import load_tensors, read_json, save_tensors, write_json, write_text
 
 MANIFEST = "incubation.json"
 SCHEMA = "surgery.incubation/1"
@@ -286,34 +284,6 @@ def run_mt(run: Path, b: Built, splits, k: int, quiet: bool) -> dict[str, Any]:
     return finish_phase(run, name, record)
 
 
-def _worker_init(threads: int) -> None:
-    """An MT worker process: its share of the cores, and it dies with the parent.
-
-    Without PR_SET_PDEATHSIG a ``kill -9`` of the command would leave the workers training (and then
-    idling) as orphans; Linux only, elsewhere a no-op.
-    """
-    torch.set_num_threads(threads)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Stop running jobs now (``shutdown`` alone waits for them to finish)."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):  # older Pythons: no public way
-        process.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _mt_job(run: str, k: int) -> dict[str, Any]:
     """One MT_k as a separate process (a pure function of the run folder's spec and k)."""
     spec = IncubationSpec.model_validate(read_json(Path(run) / MANIFEST)["spec"])
@@ -391,41 +361,38 @@ def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     return manifest
 
 
-def _threads_per_job(jobs: int) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // jobs)
-
-
-def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, quiet: bool,
+def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, executor: str | None, quiet: bool,
                  report: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The K MT jobs on an executor backend (:mod:`surgery.executor`); finished ones are skipped."""
+    from surgery.executor import default_backend, run_jobs, threads_per_worker
+
     k = b.plan.k
+    backend = executor or default_backend(jobs)
     todo = [i for i in range(k) if phase_done(run, f"mt_{i}") is None]
-    if jobs <= 1 or len(todo) <= 1:
-        for i in range(k):
-            if i in todo:
-                report(f"MT_{i}: module {i} of {k} in the frozen meta model, {b.spec.epochs[1]} epochs")
-            run_mt(run, b, splits, i, quiet)
-        return [phase_done(run, f"mt_{i}") for i in range(k)]
-    workers = min(jobs, len(todo))
-    threads = _threads_per_job(workers)
-    report(f"MT: {len(todo)} of {k} module jobs to run, {b.spec.epochs[1]} epochs each, in {workers} processes x "
-           f"{threads} threads")
-    # spawn, not fork: fork would copy this process's thread pools. A script calling incubate(jobs > 1)
-    # therefore needs the usual `if __name__ == "__main__":` guard (the workers import it).
-    ctx = torch.multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
-    try:
-        futures = {i: pool.submit(_mt_job, str(run), i) for i in todo}
-        for i, fut in futures.items():
-            rec = fut.result()
+    epochs = b.spec.epochs[1]
+    if backend == "process" and jobs > 1 and len(todo) > 1:
+        workers = min(jobs, len(todo))
+        report(f"MT: {len(todo)} of {k} module jobs to run, {epochs} epochs each, in {workers} processes x "
+               f"{threads_per_worker(workers)} threads")
+        fn: Callable[..., Any] = _mt_job  # rebuilt from the run folder in each worker
+    elif backend == "torchrun":
+        from surgery import distributed
+
+        world = distributed.world_size() if distributed.init_from_env() else 1
+        report(f"MT: {len(todo)} of {k} module jobs to run, {epochs} epochs each, dealt to {world} processes "
+               "(each trains its own jobs alone)")
+        fn = lambda run_s, i: run_mt(run, b, splits, i, quiet=True)  # noqa: E731
+    else:
+        def fn(run_s: str, i: int) -> dict[str, Any]:
+            report(f"MT_{i}: module {i} of {k} in the frozen meta model, {epochs} epochs")
+            return run_mt(run, b, splits, i, quiet)
+
+    def on_done(i: int, rec: dict[str, Any]) -> None:
+        if backend != "serial" and rec is not None:
             report(f"MT_{i} done: val top-1 {rec['val_acc']:.4f} ({rec['wall_s']:.0f} s)")
-    except BaseException:
-        _stop_workers(pool)  # Ctrl-C or a failed job: the others stop too; finished phases stay done
-        raise
-    pool.shutdown()
+
+    run_jobs(fn, [(str(run), i) for i in range(k)], backend=backend, workers=jobs,
+             done=lambda i: phase_done(run, f"mt_{i}") is not None, on_done=on_done)
     return [phase_done(run, f"mt_{i}") for i in range(k)]
 
 
@@ -498,16 +465,14 @@ def _save_model(run: Path, b: Built, phases: dict[str, Any]) -> None:
 
     save_tensors(run / "model.safetensors", b.target.state_dict(), metadata={"format": "pt", "schema": RECIPE_SCHEMA})
     write_json(run / "config.json", {"schema": RECIPE_SCHEMA, **_recipe(b)})
-    tmp = run / "README.md.tmp"
-    tmp.write_text(_card(b, phases))
-    os.replace(tmp, run / "README.md")
+    write_text(run / "README.md", _card(b, phases))
 
 
 def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, modules: int = 4,
              epochs: tuple[int, int, int] | str = (3, 1, 1), model_kwargs: dict[str, Any] | None = None,
              meta: str | dict[str, Any] | None = None, input_size: int | None = None, batch_size: int = 64,
              lr: float = 1e-3, seed: int = 0, jobs: int = 1, init: str = "random", quiet: bool = False,
-             report: Callable[[str], None] | None = None) -> dict[str, Any]:
+             report: Callable[[str], None] | None = None, executor: str | None = None) -> dict[str, Any]:
     """Train a model as ``modules`` incubated modules: PT -> MT_k (parallel) -> assemble -> FT.
 
     Args:
@@ -522,6 +487,11 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
         input_size: square input side; default the model's own (timm data config).
         batch_size, lr, seed: the recipe of every phase.
         jobs: MT jobs run as this many parallel processes (threads split between them).
+        executor: how the independent MT jobs run (:mod:`surgery.executor`): ``"serial"``,
+            ``"process"`` (``jobs`` processes) or ``"torchrun"`` (under torchrun, rank r trains jobs
+            r, r + W, ... alone); None: ``torchrun`` under a torchrun launch, else ``process`` when
+            ``jobs > 1``, else ``serial``. Under torchrun, ``"serial"`` trains each MT job in turn with
+            all ranks (data parallel), as PT and FT always are.
         init: ``"random"`` (the paper: modules start at random) or ``"meta"`` (modules start from the
             pre-trained automatic meta model, its kept blocks copied and the others stacked).
         quiet: no progress output.
@@ -534,10 +504,12 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
         SurgeryError: bad arguments, K larger than the model allows, a model the dissection cannot cut,
             a meta model without the target's interfaces, or ``out`` holding something else.
     """
+    from surgery import distributed
     from zoo.entries import ZooEntry, data_config
 
+    distributed.init_from_env()
     if report is None:
-        report = (lambda line: None) if quiet else (lambda line: print(line, flush=True))
+        report = (lambda line: None) if quiet or not distributed.is_main() else (lambda line: print(line, flush=True))
     epochs = parse_epochs(epochs) if isinstance(epochs, str) else tuple(epochs)
     if len(epochs) != 3 or min(epochs) < 0 or epochs[1] < 1:
         raise SurgeryError(f"epochs must be (PT, MT, FT) with MT >= 1, got {epochs}")
@@ -592,7 +564,7 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
                (" (random weights: a frozen random context teaches the modules little)" if spec.meta is None else ""))
         phases["pt"] = {"phase": "pt", "epochs": 0, "skipped": True}
     _write_manifest(run, b, phases)
-    for k, rec in enumerate(_run_mt_jobs(run, b, splits, jobs, quiet, report)):
+    for k, rec in enumerate(_run_mt_jobs(run, b, splits, jobs, executor, quiet, report)):
         phases[f"mt_{k}"] = rec
     _write_manifest(run, b, phases)
     phases["assemble"] = assemble(run, b, splits)
