@@ -392,6 +392,37 @@ class StreamingCKA:
         self.num_samples += n
         self.num_batches += 1
 
+    def all_reduce(self) -> None:
+        """Sum the accumulators over the ranks of a torch.distributed group, in place.
+
+        Each rank updates with its own share of the batches; the HSIC sums (and sample and batch
+        counts) are additive over batches, so after this every rank holds what one process fed all
+        batches would, up to the order of floating-point additions. A no-op without a group; every
+        rank must call it. A rank that saw no batch contributes zeros.
+
+        Raises:
+            CKAInputError: ranks disagree on the number of feature sets.
+        """
+        from surgery import distributed
+
+        if not distributed.active():
+            return
+        counts = {c for c in distributed.all_gather_objects(self.num_features) if c is not None}
+        if len(counts) > 1:
+            raise CKAInputError(f"ranks fed different numbers of feature sets: {sorted(counts)}")
+        if not counts:
+            return
+        p = counts.pop()
+        # Reduced on the CPU: surgery's group always has a CPU (gloo) backend, whatever the device.
+        hsic = self._hsic.cpu() if self._hsic is not None else torch.zeros(p, p, dtype=torch.float64)
+        scale = self._scale.cpu() if self._scale is not None else torch.zeros(p, dtype=torch.float64)
+        totals = torch.tensor([self.num_samples, self.num_batches], dtype=torch.int64)
+        distributed.all_reduce_sum(hsic, scale, totals)
+        device = self.device or torch.device("cpu")
+        self._hsic, self._scale = hsic.to(device), scale.to(device)
+        self.num_features, self.device = p, device
+        self.num_samples, self.num_batches = int(totals[0]), int(totals[1])
+
     def hsic(self) -> np.ndarray:
         """The accumulated ``P x P`` HSIC sums (symmetrised), float64."""
         if self._hsic is None:

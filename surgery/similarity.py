@@ -9,6 +9,11 @@ samples: nothing but the current batch's features is held.
 Pooled features are cached per model and batch under ``WORKDIR/features/<model>/`` (safetensors
 shards keyed by the probe settings), so adding one model to a zoo does not recompute the others.
 
+Under torchrun (``torchrun --nproc-per-node N -m surgery similarity WORKDIR ...``) rank ``r`` runs
+probe batches ``r, r + W, ...`` through every model and caches those batches' features; the HSIC
+accumulators are then summed over the ranks (:meth:`surgery.cka.StreamingCKA.all_reduce`), so the
+matrix equals the single-process one up to the order of floating-point additions.
+
 Outputs: ``WORKDIR/similarity/similarity.json`` (settings, models, cut-point names and their offsets
 in the matrix) and ``WORKDIR/similarity/cka.safetensors`` (the P x P matrix over all cut points).
 """
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgery import distributed
 from surgery.cka import StreamingCKA
 from surgery.errors import WorkspaceError
 from surgery.features import feature_extractor
@@ -96,7 +102,7 @@ class _ModelFeatures:
             gm = trace_model(model, name)
             self.extractor = feature_extractor(gm, self.nodes, self.specs,
                                                prefix=settings["prefix"]).to(device)
-            if cache:
+            if cache and distributed.is_main():  # the other ranks wait (compute_similarity) before writing
                 if self.cache_dir.exists():
                     shutil.rmtree(self.cache_dir)
                 self.cache_dir.mkdir(parents=True)
@@ -119,8 +125,8 @@ class _ModelFeatures:
         with torch.inference_mode():
             x = self.transform(images).to(self.device)
             feats = [f.float().cpu() for f in self.extractor(x)]
-        if self.cache:
-            save_tensors(shard, {f"f{i}": f for i, f in enumerate(feats)})
+        if self.cache:  # each rank writes the batches it ran
+            save_tensors(shard, {f"f{i}": f for i, f in enumerate(feats)}, all_ranks=True)
         return feats
 
     def finish(self, n_batches: int) -> None:
@@ -152,8 +158,8 @@ def compute_similarity(
         prefix: class-token treatment when pooling tokens (see :func:`surgery.features.pool_tensor`).
         estimator: ``"unbiased"`` (default) or ``"biased"`` CKA.
         cache: keep per-model pooled features on disk for later runs.
-        device: torch device (default: CUDA when present, else CPU).
-        on_batch: progress callback ``(done, total)``.
+        device: torch device (default: CUDA when present, else CPU; under torchrun ``cuda:LOCAL_RANK``).
+        on_batch: progress callback ``(done, total)``, over this rank's share of the batches.
 
     Returns:
         The similarity manifest (also written to ``WORKDIR/similarity/``), with the matrix attached.
@@ -161,19 +167,22 @@ def compute_similarity(
     ws = Workspace(workdir).require()
     if batch_size < 4:
         raise WorkspaceError("--batch-size must be at least 4 for the unbiased CKA estimator")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.init_from_env()
+    device = str(distributed.device_for_rank(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))))
     images = probe_images(data, samples, seed)
     settings = {"data": data, "samples": int(images.shape[0]), "seed": seed, "batch_size": batch_size,
                 "prefix": prefix}
     names = ws.model_names()
     models = [_ModelFeatures(ws, n, settings, cache, device) for n in names]
+    distributed.barrier()  # every rank has read the caches' state before any rank writes a batch
     # a last batch smaller than 4 cannot feed the unbiased estimator: fold it into the previous one
     bounds = list(range(0, images.shape[0], batch_size)) + [images.shape[0]]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < 4:
         bounds.pop(-2)
     acc = StreamingCKA(estimator=estimator)
     n_batches = len(bounds) - 1
-    for b in range(n_batches):
+    mine = range(distributed.rank(), n_batches, distributed.world_size())
+    for done, b in enumerate(mine, 1):
         chunk = images[bounds[b]:bounds[b + 1]]
         feats: list[torch.Tensor] = []
         for m in models:
@@ -181,7 +190,8 @@ def compute_similarity(
         with _one_cpu_thread(device):
             acc.update(feats)
         if on_batch:
-            on_batch(b + 1, n_batches)
+            on_batch(done, len(mine))
+    acc.all_reduce()  # also waits for every rank's cached batches before rank 0 marks the caches complete
     for m in models:
         m.finish(n_batches)
     matrix = acc.compute()
@@ -199,6 +209,7 @@ def compute_similarity(
     out = ws.root / "similarity"
     save_tensors(out / "cka.safetensors", {"cka": torch.from_numpy(np.ascontiguousarray(matrix))})
     write_json(out / "similarity.json", manifest)
+    distributed.barrier()
     return {**manifest, "matrix": matrix}
 
 
