@@ -8,6 +8,7 @@ for machine-readable output, exit code 0 on success and 2 on bad input with a on
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -494,6 +495,11 @@ def incubate(
     epochs: Annotated[str, typer.Option(help="PT,MT,FT epochs: meta pre-training, each module, fine-tuning.")
                       ] = "3,1,1",
     jobs: Annotated[int, typer.Option(min=1, help="MT jobs run as this many parallel processes.")] = 1,
+    executor: Annotated[str | None, typer.Option(
+        help="How the MT jobs run: serial | process (--jobs processes) | torchrun (under torchrun, rank r trains "
+             "jobs r, r+W, ... alone). Default: torchrun under torchrun, else process if --jobs > 1, else serial. "
+             "Under torchrun, serial trains each MT job with all ranks (data parallel), as PT and FT always are.")
+                        ] = None,
     zoo: Annotated[Path | None, typer.Option(help="Zoo YAML file in which MODEL names an entry.")] = None,
     model_kwargs: Annotated[str | None, typer.Option(help="JSON timm.create_model kwargs, e.g. '{\"depth\": 12}'.")
                             ] = None,
@@ -522,6 +528,10 @@ def incubate(
         fail(f"--lr must be a positive number (got {lr})")
     if init not in ("random", "meta"):
         fail(f"--init must be random or meta (got {init!r})")
+    from surgery.executor import BACKENDS
+
+    if executor is not None and executor not in BACKENDS:
+        fail(f"--executor must be one of {', '.join(BACKENDS)} (got {executor!r})")
     phases = parse_epochs(epochs)
     target = _incubation_entry(model, zoo, _json_kwargs(model_kwargs, "--model-kwargs"), "MODEL")
     if meta_kwargs is not None and meta != "auto":
@@ -531,7 +541,7 @@ def incubate(
                  else _incubation_entry(meta, zoo, {}, "--meta"))
     manifest = run_incubation(target, data, out=out, modules=modules, epochs=phases, meta=meta_spec,
                               input_size=input_size, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs,
-                              init=init, quiet=as_json)
+                              init=init, quiet=as_json, executor=executor)
     if as_json:
         print(json_text(manifest))
 
@@ -771,8 +781,17 @@ def _validation_error(e: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app, turning bad input into one error line and exit code 2."""
+    """Console entry point: runs the app, turning bad input into one error line and exit code 2.
+
+    Under torchrun (``torchrun --nproc-per-node N -m surgery ...``) every rank runs the command; the
+    process group is created first, and ranks other than 0 print nothing on stdout (errors still
+    reach stderr from the rank that hit them).
+    """
+    from surgery import distributed
+
     try:
+        if distributed.launched_by_torchrun() and distributed.init_from_env() and not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
         # standalone_mode=False: click returns the code of typer.Exit instead of raising it, and usage
         # errors reach us (handled below) instead of click's own display
         code = app(args=argv, standalone_mode=False)
@@ -793,6 +812,11 @@ def main(argv: list[str] | None = None) -> None:
         if _validation_error(e):
             sys.exit(2)
         raise
+    finally:
+        if distributed.active():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
