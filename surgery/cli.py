@@ -29,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True)  # notes and warnings; silent on ranks other than 0 under torchrun
+_error_console = Console(stderr=True)  # error lines, from every rank
 
 WorkdirArg = Annotated[Path, typer.Argument(help="Workspace folder written by 'surgery dissect'.")]
 
@@ -37,8 +38,8 @@ WorkdirArg = Annotated[Path, typer.Argument(help="Workspace folder written by 's
 def error_line(message: str) -> None:
     """Print ``error: MESSAGE`` on one line of stderr (the message is shown as is, never as markup)."""
     lines = str(message).strip().splitlines()
-    err_console.print(f"[bold red]error:[/] {escape(lines[0] if lines else message)}", highlight=False,
-                      soft_wrap=True)
+    _error_console.print(f"[bold red]error:[/] {escape(lines[0] if lines else message)}", highlight=False,
+                         soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -784,14 +785,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning bad input into one error line and exit code 2.
 
     Under torchrun (``torchrun --nproc-per-node N -m surgery ...``) every rank runs the command; the
-    process group is created first, and ranks other than 0 print nothing on stdout (errors still
-    reach stderr from the rank that hit them).
+    process group is created first, and ranks other than 0 print nothing but error lines (each
+    rank that hits an error reports it).
     """
     from surgery import distributed
 
     try:
         if distributed.launched_by_torchrun() and distributed.init_from_env() and not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+            err_console.quiet = True
         # standalone_mode=False: click returns the code of typer.Exit instead of raising it, and usage
         # errors reach us (handled below) instead of click's own display
         code = app(args=argv, standalone_mode=False)

@@ -26,7 +26,7 @@ class CliResult:
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> CliResult:
     """Run ``surgery ARGS`` in a subprocess (as a user would) and return its exit code and output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "surgery.cli", *args], cwd=cwd or ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "surgery", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     result = CliResult(proc)
     if check and proc.returncode != 0:

@@ -22,6 +22,26 @@ label-smoothing cross-entropy on ``model(inputs)``. A hybrid with frozen parts i
 all of them train in this one loop. An ``nn.Module`` task is moved to the training device; the model
 owns every trained parameter and the checkpoint.
 
+Under torch.distributed (``torchrun``, or any process group of more than one rank; see
+:mod:`surgery.distributed`) the same call trains data-parallel, with nothing to change in the caller:
+
+* DDP wraps the model's forward with every frozen parameter and the buffers of frozen norm layers
+  registered as ignored, so only the trainable part is broadcast, bucketed and all-reduced (timm's
+  rule: wrap only the trainable module). The task receives the DDP wrapper: it must *call* the
+  model (DDP's bookkeeping runs in its forward); a task that needs the model's attributes reads
+  ``getattr(model, "module", model)``. A teacher inside a task is never wrapped.
+* The training loader is re-dealt by a ``DistributedSampler`` seeded by ``config.seed``: its batch
+  size stays the *global* batch (each rank takes ``batch / W``, which ``W`` must divide), so the
+  learning rate and schedule mean the same at any ``W``; it must be a DataLoader or a Dataset.
+* Epoch figures (loss, accuracy, the task's terms, images/s) are summed over the ranks, and
+  validation is sharded and reduced (:func:`evaluate`); step lines are rank 0's running figures.
+  After each epoch every rank takes rank 0's buffers (batch-norm statistics), which the checkpoint
+  holds.
+* Rank 0 writes the metrics log and checkpoints and prints progress; the other ranks are silent.
+  Randomness (dropout, augmentation, a task's draws) is reseeded at each epoch from
+  ``(seed, epoch, rank)``, so a run resumes at an epoch boundary with the same or another number of
+  processes without per-rank RNG state (another number warns: the data order differs).
+
 Which parameters train, in order of precedence:
 
 1. ``trainable`` given to :func:`train`: a list of parameters or a callable ``model -> params``.
