@@ -17,7 +17,9 @@ What a step computes is a *task*: a callable ``task(model, inputs, targets) -> d
 scalar tensor to minimise), ``"output"`` (the logits ``(N, classes)``, for the running accuracy) and any
 other scalar tensors, logged as ``train_<name>`` epoch means (timm's ``TrainingTask`` interface, in
 which the loss and forward live together). The default, :func:`classification_task`, is
-label-smoothing cross-entropy on ``model(inputs)``. A hybrid with frozen parts is just a model with a
+label-smoothing cross-entropy on ``model(inputs)``. A task with a method ``on_step(step, total_steps)``
+is told the global step (0-based) and the run's total before each step, e.g. for a loss-weight ramp
+that must continue where a resumed run left off. A hybrid with frozen parts is just a model with a
 ``trainable=`` selection; a teacher, a distillation term or an ensemble's agreement loss is a task, and
 all of them train in this one loop. An ``nn.Module`` task is moved to the training device; the model
 owns every trained parameter and the checkpoint.
@@ -362,7 +364,8 @@ def _resolve_device(device: str) -> torch.device:
 def _wants_channels_last(model: nn.Module) -> bool:
     """A spatial convolution that is not a patchify stem (see the module docstring)."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and tuple(m.kernel_size) != tuple(m.stride):
+        if (isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and tuple(m.kernel_size) != tuple(m.stride)
+                and m.weight.dim() == 4):  # not a member-stacked (5-D) weight, which NHWC cannot hold
             return True
     return False
 
@@ -658,6 +661,9 @@ def train(
         for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
 
+    # A task that depends on where training is (a loss weight ramp) is told before each step.
+    on_step = getattr(task, "on_step", None) if callable(getattr(task, "on_step", None)) else None
+    total_steps = config.epochs * steps_per_epoch
     reporter = TrainReporter(quiet, config.epochs, steps_per_epoch, config.log_every)
     checkpoint = None
     try:
@@ -682,6 +688,8 @@ def train(
             start = time.perf_counter()
             for i, batch in enumerate(train_loader):
                 x, y = _batch_to(batch, device, channels_last)
+                if on_step is not None:
+                    on_step(global_step, total_steps)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     result = task(net, x, y)
                 if not isinstance(result, dict) or not isinstance(result.get("loss"), torch.Tensor):
