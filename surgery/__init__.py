@@ -14,6 +14,8 @@ Public API (imported lazily, so ``import surgery`` stays cheap)::
     surgery.train(model, loader, val_loader, config)   # the one training loop
     surgery.incubate("vit_tiny_patch16_224", "fashion-mnist", out="run")  # Deep Incubation, resumable
     surgery.align("my-model", "digits", teacher="best-single")  # incubation-aligned reassembly, in place
+    surgery.divide("resnet18", ways=2)                 # S narrower members of about the same total size
+    surgery.cotrain("resnet18", "fashion-mnist", ways=2, out="run")  # Divide-and-Co-training, resumable
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ _LAZY = {
     "TrainConfig": ("surgery.training.loop", "TrainConfig"),
     "incubate": ("surgery.training.incubation_run", "incubate"),
     "align": ("surgery.training.align_run", "align"),
+    "divide": ("surgery.training.divide", "divide"),
+    "cotrain": ("surgery.training.cotrain_run", "cotrain"),
+    "Ensemble": ("surgery.training.cotrain", "Ensemble"),
 }
 
 __all__ = sorted(_LAZY)

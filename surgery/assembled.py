@@ -172,11 +172,18 @@ def rebuild(recipe: dict[str, Any]) -> nn.Module:
     """The architecture of a recipe with random weights (load the weights afterwards).
 
     A recipe of ``kind: "model"`` (``surgery incubate``'s result) is one whole timm model: its entry's
-    architecture is built as is. Any other recipe is a reassembled chain.
+    architecture is built as is; ``kind: "ensemble"`` (``surgery cotrain``) is an
+    :class:`~surgery.training.cotrain.Ensemble` of its member recipe. Any other recipe is a reassembled chain.
     """
     if recipe.get("kind") == "model":
         entry = ZooEntry.model_validate(recipe["entry"])
         return build_model(entry.model_copy(update={"weights": None, "pretrained_tag": None, "random_init": True}))
+    if recipe.get("kind") == "ensemble":  # surgery cotrain: S members of one recipe
+        from surgery.training.cotrain import Ensemble
+        from surgery.training.divide import build_member
+
+        size = tuple(recipe["input_size"])
+        return Ensemble([build_member(recipe["member"], size) for _ in range(int(recipe["ways"]))])
     stages = [StagePlan.from_dict(s) for s in recipe["stages"]]
     models: dict[str, nn.Module] = {}
     for plan in stages:
@@ -195,7 +202,7 @@ def rebuild(recipe: dict[str, Any]) -> nn.Module:
 
 
 def load(model_dir: str | os.PathLike) -> nn.Module:
-    """Load a model folder (``surgery reassemble``, ``baseline`` or ``incubate``): no unpickling, no zoo checkpoints.
+    """Load a model folder (``surgery reassemble``, ``baseline``, ``incubate`` or ``cotrain``): no unpickling.
 
     Args:
         model_dir: the folder holding ``config.json`` and ``model.safetensors``.

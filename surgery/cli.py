@@ -462,7 +462,7 @@ def finetune(
 @app.command(epilog="Example: surgery evaluate reassembled --data digits")
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(
-        help="Model folder written by 'surgery reassemble', 'baseline' or 'incubate'.")],
+        help="Model folder written by 'surgery reassemble', 'baseline', 'incubate' or 'cotrain'.")],
     data: Annotated[str, typer.Option(help="Data to evaluate on.")],
     split: Annotated[str, typer.Option(help="test | val | train.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
@@ -484,6 +484,74 @@ def evaluate(
     table.add_row(f"{out['top1']:.4f}", f"{out['loss']:.4f}", fmt_m(out["params"]), fmt_g(out["macs"]),
                   f"{out['images_per_s']:.0f}")
     console.print(table)
+    if "member_top1" in out:
+        console.print("members' top-1: " + ", ".join(f"{a:.4f}" for a in out["member_top1"])
+                      + f"; images/s with the members one by one {out['images_per_s']:.0f}, concurrently "
+                      f"{out['images_per_s_concurrent']:.0f}")
+
+
+@app.command(epilog="Example: surgery cotrain resnet18 --ways 2 --data fashion-mnist --input-size 32 --epochs 10 "
+             "--out cotrained")
+def cotrain(
+    model: Annotated[str, typer.Argument(help="timm architecture to divide (random init).")],
+    data: Annotated[str, typer.Option(help="Target data (digits, fashion-mnist, a folder, ...).")],
+    out: Annotated[Path, typer.Option(help="Run folder; also the ensemble's model folder. Rerun to resume.")],
+    ways: Annotated[int, typer.Option(help="S: members the model is divided into (1 = the model alone).")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
+    model_kwargs: Annotated[str | None, typer.Option(
+        help="JSON timm.create_model kwargs of the undivided model, e.g. '{\"drop_path_rate\": 0.1}'.")] = None,
+    input_size: Annotated[int | None, typer.Option(min=1, help="Square input side (default: the model's own).")
+                          ] = None,
+    match: Annotated[str, typer.Option(help="params | macs: what the members' total keeps.")] = "params",
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per batch (every member sees each).")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.05,
+    divide_wd: Annotated[bool, typer.Option(help="Weight decay x exp(1/S - 1) (the paper's Eq. 6).")] = False,
+    lam: Annotated[float, typer.Option(min=0, help="Weight of the JSD co-training term.")] = 0.5,
+    warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps over which the JSD weight "
+                                          "ramps up.")] = 0.13,
+    views: Annotated[bool, typer.Option(help="Each member its own augmented view (crop + flip).")] = True,
+    mixup: Annotated[float, typer.Option(min=0, help="Mixup alpha, drawn once for all views (0: off).")] = 0.0,
+    members: Annotated[str, typer.Option(help="auto (batched under vmap when faster here) | stacked | looped.")
+                       ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the members' init, the data split and order.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
+) -> None:
+    """Divide a model into S narrower members and co-train them into an ensemble (Divide-and-Co-training).
+
+    Zhao et al., IEEE TIP 2022: the members' widths are solved so that S of them hold the original's parameters (or MACs); each member sees its own augmented view; the loss is the members' cross-entropies plus a Jensen-Shannon agreement term; the ensemble averages the members' logits. The result is a model folder (surgery evaluate reports the ensemble, each member, and images/s with the members run one by one and concurrently).
+    """  # noqa: E501  (one paragraph: the help text keeps the docstring's line breaks)
+    from surgery.training.cotrain_run import cotrain as run_cotrain
+
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number (got {lr})")
+    if ways < 1:
+        fail(f"--ways must be at least 1 (got {ways})")
+    if match not in ("params", "macs"):
+        fail(f"--match must be params or macs (got {match!r})")
+    if members not in ("auto", "stacked", "looped"):
+        fail(f"--members must be auto, stacked or looped (got {members!r})")
+    kwargs = _json_kwargs(model_kwargs, "--model-kwargs")
+    manifest = run_cotrain({"arch": model, "model_kwargs": kwargs}, data, out=out, ways=ways, epochs=epochs,
+                           input_size=input_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                           match=match, lam=lam, warmup=warmup, views=views, mixup=mixup,
+                           divide_weight_decay=divide_wd, members=members, quiet=as_json)
+    if as_json:
+        print(json_text(manifest))
+
+
+@app.command(epilog="Example: surgery export cotrained --out member0.pt2 --member 0")
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Any model folder (reassemble, baseline, incubate, cotrain).")],
+    out: Annotated[Path, typer.Option(help="The exported program (.pt2, torch.export.save).")],
+    member: Annotated[int | None, typer.Option(help="Of an ensemble: export member I alone.")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Example batch size (the batch dimension stays dynamic).")] = 2,
+) -> None:
+    """Export a saved model (or one member of an ensemble) with torch.export, for deployment without surgery."""
+    from surgery.export import export_model_dir
+
+    path = export_model_dir(model_dir, out, member=member, batch=batch)
+    console.print(f"exported {model_dir}{'' if member is None else f' member {member}'} to {path}")
 
 
 @app.command(epilog="Example: surgery incubate vit_tiny_patch16_224 --data fashion-mnist --input-size 32 "

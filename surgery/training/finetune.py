@@ -96,7 +96,11 @@ def finetune_model_dir(model_dir: str | Path, data: str, *, epochs: int = 5, bat
 
 def evaluate_model_dir(model_dir: str | Path, data: str, *, split: str = "test", batch_size: int = 128,
                        seed: int = 0) -> dict[str, Any]:
-    """Top-1, loss, params, GFLOPs and images/s of a saved model on a split of ``data``."""
+    """Top-1, loss, params, GFLOPs and images/s of a saved model on a split of ``data``.
+
+    For an ensemble folder (``surgery cotrain``) also each member's top-1 (``member_top1``) and the
+    images/s with the members run concurrently (``images_per_s_concurrent``).
+    """
     from zoo.data import load_split, make_loader, make_transform
 
     model_dir = Path(model_dir)
@@ -106,7 +110,12 @@ def evaluate_model_dir(model_dir: str | Path, data: str, *, split: str = "test",
     check_classes(recipe, data, ds.classes)
     tf = make_transform(tuple(recipe["input_size"]), recipe.get("mean"), recipe.get("std"))
     t0 = time.perf_counter()
-    metrics = evaluate(model, make_loader(ds, batch_size, transform=tf))
+    if recipe.get("kind") == "ensemble":  # one pass for the ensemble and every member, then a concurrent pass
+        from surgery.training.cotrain_run import evaluate_ensemble
+
+        metrics = evaluate_ensemble(model, make_loader(ds, batch_size, transform=tf))
+    else:
+        metrics = evaluate(model, make_loader(ds, batch_size, transform=tf))
     seconds = time.perf_counter() - t0
     macs = count_macs(model, torch.zeros(1, *recipe["input_size"]))
     out = {"model": str(model_dir), "data": data, "split": split, **metrics, "params": count_params(model),
