@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from helpers import run_cli
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from surgery.errors import SurgeryError
