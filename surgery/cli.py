@@ -235,7 +235,7 @@ def similarity(
                 progress._progress.update(progress._task, total=total, completed=done,
                                           description=f"similarity: batch {done}/{total}")
             elif not as_json and (done == total or done % 5 == 0):
-                print(f"similarity: batch {done}/{total}", file=sys.stderr, flush=True)
+                err_console.print(f"similarity: batch {done}/{total}", highlight=False)  # rank 0's share only
 
         result = compute_similarity(workdir, data, samples=samples, batch_size=batch_size, seed=seed,
                                     prefix=prefix, estimator=estimator, cache=not no_cache, on_batch=on_batch)
@@ -545,7 +545,7 @@ def export(
     model_dir: Annotated[Path, typer.Argument(help="Any model folder (reassemble, baseline, incubate, cotrain).")],
     out: Annotated[Path, typer.Option(help="The exported program (.pt2, torch.export.save).")],
     member: Annotated[int | None, typer.Option(help="Of an ensemble: export member I alone.")] = None,
-    batch: Annotated[int, typer.Option(min=1, help="Example batch size (the batch dimension stays dynamic).")] = 2,
+    batch: Annotated[int, typer.Option(min=2, help="Example batch size (the batch dimension stays dynamic).")] = 2,
 ) -> None:
     """Export a saved model (or one member of an ensemble) with torch.export, for deployment without surgery."""
     from surgery.export import export_model_dir
@@ -871,6 +871,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()
         error_line(msg[0] if msg else type(e).__name__)
+        sys.exit(2)
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as e:  # a path given where a folder/file goes
+        error_line(f"{e.strerror}: {e.filename}")
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -41,7 +41,7 @@ from surgery.errors import SurgeryError
 
 __all__ = ["init_from_env", "active", "rank", "world_size", "local_rank", "is_main", "barrier", "local",
            "device_for_rank", "all_reduce_sum", "all_gather_objects", "broadcast_object",
-           "shard_train_loader", "shard_eval_loader", "launched_by_torchrun", "launch_local"]
+           "shard_train_loader", "shard_eval_loader", "launched_by_torchrun", "launch_local", "check_batch"]
 
 _local_depth = 0  # > 0 inside local(): the group is ignored
 
@@ -161,6 +161,17 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_batch(batch_size: int) -> None:
+    """Refuse a global batch the processes cannot share equally (commands call it before writing).
+
+    Raises:
+        SurgeryError: ``batch_size`` is not a multiple of the world size.
+    """
+    if init_from_env() and batch_size % world_size():
+        raise SurgeryError(f"the global batch size {batch_size} is not divisible by the {world_size()} processes; "
+                           f"choose a multiple of {world_size()}")
 
 
 def _dataset_of(loader: Any, what: str):

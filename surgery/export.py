@@ -36,6 +36,11 @@ def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, me
     from surgery.assembled import load, read_recipe
     from surgery.workspace import atomic_path
 
+    out = Path(out)
+    if out.is_dir():
+        raise SurgeryError(f"--out {out} is a folder; give a file name such as {out / 'model.pt2'}")
+    if batch < 2:  # torch.export specialises a dimension of size 1: the program would take batch 1 only
+        raise SurgeryError(f"the example batch must be at least 2 (got {batch}) to keep the batch dimension dynamic")
     recipe = read_recipe(model_dir)
     model = load(model_dir)
     if member is not None:
@@ -58,7 +63,6 @@ def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, me
     if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
         raise SurgeryError(f"the exported program of {model_dir} differs from the model "
                            f"(max |diff| {(expected - got).abs().max().item():.3g}); not written")
-    out = Path(out)
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the file is then written atomically
     torch.export.save(program, buffer)
     with atomic_path(out) as tmp:

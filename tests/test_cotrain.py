@@ -147,6 +147,18 @@ CFG = {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0.5, "seed": 1, "log_every": 0,
        "channels_last": False}
 
 
+def test_every_member_gets_its_view_even_alone():
+    seen = []
+
+    def model(x, per_member=False):
+        seen.append(tuple(x.shape))
+        return torch.zeros(x.shape[0], x.shape[1], 10, requires_grad=True)
+
+    CoTrainingTask(1)(model, torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    CoTrainingTask(3)(model, torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    assert seen == [(1, 4, 3, 16, 16), (3, 4, 3, 16, 16)]  # S = 1 trains under the members' augmentation
+
+
 @pytest.mark.parametrize("kind", ["stacked", "looped"])
 def test_one_member_cotraining_is_plain_training(kind):
     member = _members(1, 16)[0]
@@ -245,3 +257,11 @@ def test_cli_cotrain_evaluate_export_reload(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = run_cli("export", str(out), "--out", str(tmp_path / "x.pt2"), "--member", "5", check=False)
     assert r.returncode == 2 and "--member must be in 0..1" in r.stderr
+    r = run_cli("export", str(out), "--out", str(out), check=False)  # a folder where the file goes
+    assert r.returncode == 2 and "is a folder" in r.stderr
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("cotrain", "test_resnet", "--data", "digits", "--out", str(tmp_path / "afile"), check=False)
+    assert r.returncode == 2 and "is a file" in r.stderr and (tmp_path / "afile").read_text() == "x"
+    r = run_cli("cotrain", "test_vit", "--data", "digits", "--input-size", "28", "--out", str(tmp_path / "v"),
+                check=False)
+    assert r.returncode == 2 and "cannot run at input size" in r.stderr and not (tmp_path / "v").exists()

@@ -290,6 +290,7 @@ def align(model_dir: str | os.PathLike, data: str, *, epochs: tuple[int, int] = 
                            "folder of 'surgery reassemble' or 'surgery baseline'")
     run = model_dir / RUN_DIR
     manifest = _check_run(run, spec)
+    distributed.check_batch(spec.batch_size)  # under torchrun, before anything is written
     if manifest is not None and manifest.get("complete"):
         say(f"{model_dir} is already aligned with these options")
         return manifest

@@ -321,7 +321,8 @@ class CoTrainingTask:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         s, b = self.ways, x.shape[0]
-        inputs = co_training_views(x, s, padding=self.padding) if self.views and s > 1 else x
+        # S = 1 gets its view too: the undivided baseline trains under the members' augmentation
+        inputs = co_training_views(x, s, padding=self.padding) if self.views else x
         y2, mix = None, 1.0
         if self.mixup > 0:
             mix = float(torch.distributions.Beta(self.mixup, self.mixup).sample())

@@ -113,9 +113,11 @@ def _choose_members(members, choice: str, example: torch.Tensor) -> tuple[torch.
         module.zero_grad(set_to_none=True)
         module.load_state_dict(state)  # timing must not move batch-norm statistics
         timings[name] = round(best, 4)
-    if timings["stacked"] <= timings["looped"]:
-        return stacked, "stacked", timings
-    return looped, "looped", timings
+    from surgery import distributed
+
+    # every rank must build the same layout (DDP checks it): rank 0's measurement decides
+    choice = distributed.broadcast_object("stacked" if timings["stacked"] <= timings["looped"] else "looped")
+    return (stacked, "stacked", timings) if choice == "stacked" else (looped, "looped", timings)
 
 
 def evaluate_ensemble(ensemble, loader, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -154,6 +156,8 @@ def evaluate_ensemble(ensemble, loader, device: str | torch.device = "cpu") -> d
 
 
 def _check_folder(run: Path, spec: CoTrainSpec) -> dict[str, Any] | None:
+    if run.exists() and not run.is_dir():
+        raise SurgeryError(f"--out {run} is a file; give a new or empty folder")
     path = run / MANIFEST
     if not path.exists():
         if run.exists() and any(run.iterdir()):
@@ -173,15 +177,17 @@ def _check_folder(run: Path, spec: CoTrainSpec) -> dict[str, Any] | None:
 def _card(manifest: dict[str, Any]) -> str:
     spec, div, res = manifest["spec"], manifest["division"], manifest.get("result", {})
     members = res.get("member_top1") or []
+    macs = spec["match"] == "macs"
+    unit, scale = ("GMACs", 1e9) if macs else ("M params", 1e6)
+    each, whole = (div["member_macs"], div["original_macs"]) if macs else (div["member_params"], div["original_params"])
     lines = [
         f"# Co-trained ensemble: {spec['model']['arch']} divided in {spec['ways']}",
         "",
         "Divide-and-Co-training (Zhao et al., IEEE TIP 2022), made by `surgery cotrain`.",
         "",
         f"- members: `{div['recipe']['arch']}` with {div['recipe']['model_kwargs']} ({div['family']} rule, width "
-        f"x{div['multiplier']:.3f}), {div['member_params'] / 1e6:.3f} M params each, {spec['ways']} x = "
-        f"{spec['ways'] * div['member_params'] / 1e6:.3f} M against {div['original_params'] / 1e6:.3f} M undivided "
-        f"({div['error']:+.1%} in {spec['match']})",
+        f"x{div['multiplier']:.3f}), {each / scale:.4g} {unit} each, {spec['ways']} x = "
+        f"{spec['ways'] * each / scale:.4g} {unit} against {whole / scale:.4g} {unit} undivided ({div['error']:+.1%})",
         f"- data `{spec['data']}` at {tuple(spec['input_size'])}; {spec['epochs']} epochs, batch {spec['batch_size']}, "
         f"lr {spec['lr']}, JSD weight {spec['lam']} (warm-up {spec['warmup']:.0%} of the steps), members "
         f"{manifest['members']}",
@@ -259,6 +265,7 @@ def cotrain(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, w
         raise SurgeryError(f"bad co-training setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     run = Path(out)
     existing = _check_folder(run, spec)
+    distributed.check_batch(spec.batch_size)  # before anything is written
     if existing is not None and existing.get("complete"):
         report(f"{run} is already co-trained with these options")
         return existing
@@ -272,9 +279,12 @@ def cotrain(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, w
         trainable, mode, timings = _choose_members(members_list, existing["members"], example)
     else:
         trainable, mode, timings = _choose_members(members_list, spec.members, example)
+    unit, scale = ("GMACs", 1e9) if spec.match == "macs" else ("M params", 1e6)
+    each, whole = ((division.member_macs, division.original_macs) if spec.match == "macs"
+                   else (division.member_params, division.original_params))
     report(f"{zentry.timm_name} divided in {ways}: {recipe['model_kwargs']} ({division.family}), "
-           f"{division.member_params / 1e6:.3f} M params each, {ways * division.member_params / 1e6:.3f} M in all vs "
-           f"{division.original_params / 1e6:.3f} M ({division.error:+.1%}); members {mode}"
+           f"{each / scale:.4g} {unit} each, {ways * each / scale:.4g} {unit} in all vs "
+           f"{whole / scale:.4g} {unit} ({division.error:+.1%}); members {mode}"
            + (f" (one step: stacked {timings['stacked'] * 1e3:.0f} ms, looped {timings['looped'] * 1e3:.0f} ms)"
               if timings else ""))
     manifest: dict[str, Any] = {

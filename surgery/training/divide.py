@@ -219,6 +219,9 @@ def _size(model: nn.Module, input_size: tuple[int, int, int], macs: bool = True)
     was_training = model.training
     try:  # eval: one probe image must not meet a training-mode batch norm
         return count_params(model), count_macs(model.eval(), torch.zeros(1, *input_size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as e:  # e.g. a ViT's patch size not dividing the input
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SurgeryError(f"{type(model).__name__} cannot run at input size {tuple(input_size)}: {why}") from None
     finally:
         model.train(was_training)
 

@@ -340,6 +340,8 @@ def run_ft(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
 
 def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     """The existing manifest of the same spec, None for a new run; refuses a folder of anything else."""
+    if run.exists() and not run.is_dir():
+        raise SurgeryError(f"--out {run} is a file; give a new or empty folder")
     path = run / MANIFEST
     if not path.exists():
         if run.exists() and any(run.iterdir()):
@@ -538,6 +540,7 @@ def incubate(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, 
         raise SurgeryError(f"bad incubation setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     run = Path(out)
     existing = _check_run_folder(run, spec)
+    distributed.check_batch(spec.batch_size)  # under torchrun, before anything is written
     splits = _splits(spec)
     b = build(spec, splits)
     report(f"target {b.plan.k} modules: {b.target_params / 1e6:.3f} M params, {b.target_macs / 1e9:.4g} GMACs; "
