@@ -1,0 +1,263 @@
+"""Growing a model's depth during training: the operators (AutoProg, Li et al., CVPR 2022; MSG / LEMON).
+
+This first part holds what every growth schedule needs, found generically from the module tree:
+
+* :func:`find_block_groups`: the runs of repeated, shape-preserving blocks of a model (a ViT's
+  ``blocks``, each ResNet stage's blocks after its downsampling block, each ConvNeXt / Swin stage's
+  blocks): consecutive children of one container, of one class and one parameter layout, whose
+  output has their input's shape (checked on one probe forward). No per-family code.
+* :func:`depth_map`: which existing block each block of the deeper run copies. ``"interleave"``
+  is AutoProg's ``new_idx`` (each block followed by its copy; for a growth that is not a multiple,
+  the *last* blocks are the ones duplicated: 10 -> 14 gives 0..6, 6, 7, 7, 8, 8, 9, 9);
+  ``"stack"`` appends copies of the run in order (StackBERT / G_stack).
+* :func:`grow_depth`: the deeper model, in place. New blocks start as copies (AutoProg), with their
+  residual branch zeroed (function-preserving: the grown model computes exactly what the small one
+  did, the MSG / LEMON property), or re-initialised.
+
+A zeroed residual branch uses what the block offers: timm's ``zero_init_last()`` (ResNet and other
+CNN blocks: the last norm's weight, and here its bias too), a layer-scale ``gamma`` (ConvNeXt,
+CaiT-style ``ls1``/``ls2``), or else the branch's last projection (``attn.proj`` and ``mlp.fc2`` of
+ViT, Swin and PVT blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError
+
+__all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters"]
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A run of repeated shape-preserving blocks: ``container[start:start + length]``.
+
+    Attributes:
+        container: dotted module path of the ``nn.Sequential`` / ``nn.ModuleList`` holding them.
+        start: index of the first block of the run in the container.
+        length: number of blocks in the run.
+        block_class: the blocks' class name.
+        params: parameters of one block.
+        container_length: children of the container when the group was found (a later change of
+            the container makes the group stale).
+    """
+
+    container: str
+    start: int
+    length: int
+    block_class: str
+    params: int
+    container_length: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+
+def _layout(module: nn.Module) -> tuple:
+    return (type(module), tuple((n, tuple(t.shape)) for n, t in module.state_dict().items()))
+
+
+def find_block_groups(model: nn.Module, example: torch.Tensor, *, min_length: int = 2) -> list[BlockGroup]:
+    """The runs of repeated shape-preserving blocks of ``model``, outermost first, in model order.
+
+    Args:
+        model: any module; ``example`` is one input batch it accepts (its output shape is not used).
+        min_length: shortest run reported (a run of one block is not "repeated").
+
+    Returns:
+        The groups; runs nested inside a block of another group are left out.
+    """
+    candidates: list[tuple[str, int, list[nn.Module], int]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < min_length:
+            continue
+        children = list(module)
+        i = 0
+        while i < len(children):
+            j = i + 1
+            while j < len(children) and _layout(children[j]) == _layout(children[i]):
+                j += 1
+            if j - i >= min_length and sum(p.numel() for p in children[i].parameters()) > 0:
+                candidates.append((name, i, children[i:j], len(children)))
+            i = j
+    if not candidates:
+        return []
+    shapes: dict[int, tuple[tuple, tuple]] = {}
+
+    def hook(module, args, output):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes[id(module)] = (tuple(args[0].shape), tuple(output.shape))
+
+    handles = [b.register_forward_hook(hook) for _, _, blocks, _ in candidates for b in blocks]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    groups = []
+    inside: set[str] = set()
+    for name, start, blocks, size in candidates:
+        if any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        ran = [shapes.get(id(b)) for b in blocks]
+        if all(r is not None and r[0] == r[1] for r in ran):
+            groups.append(BlockGroup(name, start, len(blocks), type(blocks[0]).__name__,
+                                     sum(p.numel() for p in blocks[0].parameters()), size))
+            inside.update(f"{name}.{start + k}" for k in range(len(blocks)))
+    return groups
+
+
+def depth_map(old: int, new: int, mode: Literal["interleave", "stack"] = "interleave") -> list[int]:
+    """For each of the ``new`` blocks, the index of the old block it copies.
+
+    ``interleave`` (AutoProg): old block i appears ``c_i`` times in a row, the extra copies going to
+    the last blocks first (10 -> 14: ``[0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9]``; 7 -> 14: every
+    block twice). ``stack``: ``0..old-1`` repeated, then cut at ``new``.
+
+    Raises:
+        SurgeryError: ``new < old`` or ``old < 1``, or an unknown mode.
+    """
+    if old < 1 or new < old:
+        raise SurgeryError(f"depth can only grow: {old} -> {new}")
+    if mode == "stack":
+        return [i % old for i in range(new)]
+    if mode != "interleave":
+        raise SurgeryError(f"unknown growth mode {mode!r}; expected 'interleave' or 'stack'")
+    counts = [1] * old
+    extra = new - old
+    i = old - 1
+    while extra > 0:  # the last blocks first, round after round
+        counts[i] += 1
+        extra -= 1
+        i = i - 1 if i > 0 else old - 1
+    return [k for k, c in enumerate(counts) for _ in range(c)]
+
+
+def zero_residual(block: nn.Module) -> None:
+    """Make a residual block compute the identity by zeroing the end of its residual branch(es).
+
+    Raises:
+        SurgeryError: the block offers none of the known handles (see the module docstring).
+    """
+    if callable(getattr(block, "zero_init_last", None)):
+        # timm's hook zeroes the last norm's weight and trusts its bias to be at its zero init;
+        # a trained block's is not, so the bias of whatever it zeroed is zeroed too
+        before = {id(m): m.weight.detach().clone() for m in block.modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        block.zero_init_last()
+        with torch.no_grad():
+            for m in block.modules():
+                w = getattr(m, "weight", None)
+                if (isinstance(w, torch.Tensor) and id(m) in before and not torch.equal(before[id(m)], w)
+                        and not w.any() and isinstance(getattr(m, "bias", None), torch.Tensor)):
+                    m.bias.zero_()
+        return
+    done = False
+    with torch.no_grad():
+        for name in ("ls1", "ls2", "ls", "gamma", "gamma1", "gamma2", "layer_scale", "ls_attn", "ls_mlp"):
+            part = getattr(block, name, None)
+            target = part.gamma if isinstance(part, nn.Module) and isinstance(getattr(part, "gamma", None),
+                                                                              torch.Tensor) else part
+            if isinstance(target, nn.Parameter):
+                target.zero_()
+                done = True
+        if done:
+            return
+        for path in ("attn.proj", "mlp.fc2"):
+            try:
+                layer = block.get_submodule(path)
+            except AttributeError:
+                continue
+            for p in layer.parameters(recurse=False):
+                p.zero_()
+            done = True
+    if not done:
+        raise SurgeryError(f"{type(block).__name__} has no known residual branch end to zero "
+                           "(zero_init_last, a layer scale, attn.proj / mlp.fc2); use init='copy' or 'random'")
+
+
+def _reinit(block: nn.Module) -> None:
+    for module in block.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def grow_depth(model: nn.Module, group: BlockGroup, new_length: int, *,
+               mode: Literal["interleave", "stack"] = "interleave",
+               init: Literal["copy", "zero", "random"] = "copy") -> list[tuple[int, int, bool]]:
+    """Deepen one block group of ``model`` in place.
+
+    Args:
+        model: the model holding ``group``.
+        group: from :func:`find_block_groups` on this model.
+        new_length: blocks in the run after growth (>= ``group.length``).
+        mode: :func:`depth_map`'s order.
+        init: new blocks as copies (``copy``, AutoProg), copies with a zeroed residual branch
+            (``zero``: the model's function is unchanged), or re-initialised (``random``).
+
+    Returns:
+        ``(new index in the run, source index in the old run, is_new)`` for every block of the run;
+        the first copy of each old block is the original module itself (its parameters, hence its
+        optimizer state, carry over), later copies are new modules.
+
+    Raises:
+        SurgeryError: a shrinking ``new_length``, a stale group, or ``zero`` on an unknown block.
+    """
+    container = model.get_submodule(group.container)
+    children = list(container)
+    run = children[group.start:group.stop]
+    if len(run) != group.length or len(children) != group.container_length:
+        raise SurgeryError(f"{group.container} no longer has {group.length} blocks at {group.start}: find the groups "
+                           "again after changing the model")
+    mapping = depth_map(group.length, new_length, mode)
+    seen: set[int] = set()
+    grown, plan = [], []
+    for k, src in enumerate(mapping):
+        if src not in seen:
+            seen.add(src)
+            grown.append(run[src])
+            plan.append((k, src, False))
+            continue
+        block = copy.deepcopy(run[src])
+        if init == "zero":
+            zero_residual(block)
+        elif init == "random":
+            _reinit(block)
+        elif init != "copy":
+            raise SurgeryError(f"unknown init {init!r}; expected copy, zero or random")
+        grown.append(block)
+        plan.append((k, src, True))
+    new_children = children[:group.start] + grown + children[group.stop:]
+    rebuilt = type(container)(*new_children) if isinstance(container, nn.Sequential) else nn.ModuleList(new_children)
+    parent_path, _, leaf = group.container.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, rebuilt)
+    _sync_depth_attributes(model, group, new_length)
+    return plan
+
+
+def _sync_depth_attributes(model: nn.Module, group: BlockGroup, new_length: int) -> None:
+    """Keep bookkeeping attributes that mirror a block count in step (timm ViT ``depth`` is not
+    stored; some models keep ``num_blocks`` / ``depth`` next to the container)."""
+    parent_path = group.container.rpartition(".")[0]
+    parent = model.get_submodule(parent_path) if parent_path else model
+    for attr in ("depth", "num_blocks"):
+        value = getattr(parent, attr, None)
+        if isinstance(value, int) and value == group.length:
+            setattr(parent, attr, new_length)
+
+
+def grown_parameters(before: int, group: BlockGroup, new_length: int) -> int:
+    """The parameter count after growing ``group`` to ``new_length`` blocks (copies add whole blocks)."""
+    return before + (new_length - group.length) * group.params

@@ -1,0 +1,100 @@
+"""Growth operators: repeated blocks found generically, AutoProg's depth map, function-preserving growth."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError
+from surgery.training.growth import depth_map, find_block_groups, grow_depth, grown_parameters, zero_residual
+
+# (timm name, kwargs, input side, expected (container, start, length) groups)
+CASES = [
+    ("test_vit", {}, 160, [("blocks", 0, 6)]),
+    ("test_convnext", {}, 64, [("stages.1.blocks", 0, 2), ("stages.2.blocks", 0, 4), ("stages.3.blocks", 0, 2)]),
+    ("resnet18", {"layers": (3, 3, 3, 3), "channels": (8, 16, 32, 64)}, 64,
+     [("layer1", 1, 2), ("layer2", 1, 2), ("layer3", 1, 2), ("layer4", 1, 2)]),
+    ("pvt_v2_b0", {"depths": (2, 2, 1, 1)}, 64, [("stages.0.blocks", 0, 2), ("stages.1.blocks", 0, 2)]),
+    ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "embed_dim": 24, "num_heads": (1, 2, 2, 4),
+                                      "img_size": 64, "window_size": 4}, 64,
+     [("layers.0.blocks", 0, 2), ("layers.1.blocks", 0, 2), ("layers.2.blocks", 0, 2), ("layers.3.blocks", 0, 2)]),
+]
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial norm statistics and affine terms, as after training (zero-init biases would hide bugs)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,kwargs,size,expected", CASES, ids=[c[0] for c in CASES])
+def test_zero_initialised_growth_preserves_the_function(name, kwargs, size, expected):
+    torch.manual_seed(0)
+    model = _trained_like(timm.create_model(name, num_classes=10, **kwargs))
+    x = torch.randn(2, 3, size, size)
+    groups = find_block_groups(model, x)
+    assert [(g.container, g.start, g.length) for g in groups] == expected
+    before = model(x)
+    params = sum(p.numel() for p in model.parameters())
+    expected_params = params
+    for g in groups:
+        new = g.length * 2
+        expected_params = grown_parameters(expected_params, g, new)
+        plan = grow_depth(model, g, new, init="zero")
+        assert [src for _, src, _ in plan] == depth_map(g.length, new)
+    assert sum(p.numel() for p in model.parameters()) == expected_params > params
+    assert torch.allclose(model.eval()(x), before, atol=1e-5)  # grown, same outputs
+    regrouped = find_block_groups(model, x)
+    assert [g.length for g in regrouped] == [2 * g.length for g in groups]
+
+
+def test_copy_growth_keeps_the_original_modules_and_adds_copies():
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(1, 3, 160, 160)
+    (group,) = find_block_groups(model, x)
+    originals = list(model.blocks)
+    plan = grow_depth(model, group, 9, init="copy")
+    assert len(model.blocks) == 9
+    assert [src for _, src, _ in plan] == [0, 1, 2, 3, 3, 4, 4, 5, 5]
+    kept = [model.blocks[k] for k, _, new in plan if not new]
+    assert kept == originals  # the same modules: their parameters (and optimizer state) carry over
+    for k, src, new in plan:
+        if new:
+            assert model.blocks[k] is not originals[src]
+            assert all(torch.equal(a, b) for a, b in zip(model.blocks[k].parameters(), originals[src].parameters(),
+                                                         strict=True))
+
+
+def test_depth_maps():
+    assert depth_map(10, 14) == [0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9]  # AutoProg: the last blocks doubled
+    assert depth_map(7, 14) == [i // 2 for i in range(14)]
+    assert depth_map(2, 7) == [0, 0, 0, 1, 1, 1, 1]
+    assert depth_map(3, 7, "stack") == [0, 1, 2, 0, 1, 2, 0]
+    assert depth_map(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(SurgeryError, match="only grow"):
+        depth_map(4, 3)
+    with pytest.raises(SurgeryError, match="unknown growth mode"):
+        depth_map(2, 4, "shuffle")
+
+
+def test_random_growth_and_refusals():
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(1, 3, 160, 160)
+    (group,) = find_block_groups(model, x)
+    plan = grow_depth(model, group, 7, init="random")
+    k, src, _ = next(p for p in plan if p[2])
+    assert not torch.equal(model.blocks[k].attn.qkv.weight, model.blocks[k - 1].attn.qkv.weight)
+    with pytest.raises(SurgeryError, match="no longer has"):
+        grow_depth(model, group, 8)  # the group describes the model before growth
+    with pytest.raises(SurgeryError, match="no known residual branch"):
+        zero_residual(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert find_block_groups(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4)), torch.randn(2, 4)) == []
