@@ -98,3 +98,50 @@ def test_random_growth_and_refusals():
     with pytest.raises(SurgeryError, match="no known residual branch"):
         zero_residual(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     assert find_block_groups(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4)), torch.randn(2, 4)) == []
+
+
+def test_mogrow_copies_the_ema_into_inherited_and_duplicated_blocks():
+    from surgery.training.growth import mogrow, renamed_parameters
+
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(1, 3, 160, 160)
+    ema = {k: v + 0.5 for k, v in model.state_dict().items()}  # an EMA that differs from the live weights
+    (group,) = find_block_groups(model, x)
+    plan = grow_depth(model, group, 9, init="copy")
+    renames = renamed_parameters(group, plan)
+    mogrow(model, ema, renames)
+    for k, src, _ in plan:
+        for name, value in model.blocks[k].state_dict().items():
+            assert torch.equal(value, ema[f"blocks.{src}.{name}"]), (k, name)
+    assert torch.equal(model.head.weight, ema["head.weight"])  # outside the run: the same names
+    with pytest.raises(SurgeryError, match="no EMA value"):
+        mogrow(model, {k: v for k, v in ema.items() if not k.startswith("head.")}, renames)
+
+
+def test_optimizer_moments_follow_the_parameters_they_belong_to():
+    from surgery.training.growth import carry_optimizer_state, renamed_parameters
+
+    model = timm.create_model("resnet18", num_classes=10, layers=(1, 3, 1, 1), channels=(8, 16, 32, 64))
+    x = torch.randn(2, 3, 64, 64)
+    old_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(x).square().mean().backward()
+    old_opt.step()
+    old_names = {id(p): n for n, p in model.named_parameters()}
+    before = {n: {k: v.clone() for k, v in old_opt.state[p].items()} for n, p in model.named_parameters()}
+    (group,) = [g for g in find_block_groups(model, x) if g.container == "layer2"]
+    assert (group.start, group.length) == (1, 2)
+    plan = grow_depth(model, group, 4, init="copy")  # layer2: [b0, b1, b1', b2, b2']
+    new_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    renames = renamed_parameters(group, plan)
+    carried = carry_optimizer_state(old_opt, old_names, model, renames, new_opt)
+    assert carried == sum(1 for _ in model.parameters())
+    for name, param in model.named_parameters():
+        src = name
+        for new_prefix, old_prefix in renames.items():
+            if name.startswith(new_prefix):
+                src = old_prefix + name[len(new_prefix):]
+                break
+        assert torch.equal(new_opt.state[param]["exp_avg"], before[src]["exp_avg"]), name
+        assert torch.equal(new_opt.state[param]["exp_avg_sq"], before[src]["exp_avg_sq"]), name
+    assert renames["layer2.3."] == "layer2.2." and renames["layer2.2."] == "layer2.1."  # copies map to sources
+    new_opt.step()  # the carried state has the right shapes

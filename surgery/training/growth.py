@@ -31,7 +31,8 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 
-__all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters"]
+__all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters",
+           "renamed_parameters", "mogrow", "carry_optimizer_state"]
 
 
 @dataclass(frozen=True)
@@ -261,3 +262,85 @@ def _sync_depth_attributes(model: nn.Module, group: BlockGroup, new_length: int)
 def grown_parameters(before: int, group: BlockGroup, new_length: int) -> int:
     """The parameter count after growing ``group`` to ``new_length`` blocks (copies add whole blocks)."""
     return before + (new_length - group.length) * group.params
+
+
+# ---------------------------------------------------------------------------- MoGrow and optimizer state
+
+
+def renamed_parameters(group: BlockGroup, plan: list[tuple[int, int, bool]]) -> dict[str, str]:
+    """Module-path prefixes after growth -> before growth, for the container's children.
+
+    A block inside the run maps to the old block it copies (``plan`` from :func:`grow_depth`);
+    children after the run shift by the growth. Paths outside the container are unchanged (not listed).
+    """
+    grown = len(plan) - group.length
+    out = {}
+    for c in range(group.container_length + grown):
+        if c < group.start:
+            old = c
+        elif c < group.start + len(plan):
+            old = group.start + plan[c - group.start][1]
+        else:
+            old = c - grown
+        out[f"{group.container}.{c}."] = f"{group.container}.{old}."
+    return out
+
+
+def _old_name(name: str, renames: dict[str, str]) -> str:
+    for new_prefix, old_prefix in renames.items():
+        if name.startswith(new_prefix):
+            return old_prefix + name[len(new_prefix):]
+    return name
+
+
+def mogrow(model: nn.Module, ema_before: dict[str, torch.Tensor], renames: dict[str, str]) -> None:
+    """MoGrow (AutoProg, Li et al. CVPR 2022, Sec. 4.2): initialise the grown model from the momentum
+    (EMA) network: every parameter and buffer, inherited or duplicated, is copied from the EMA's
+    value for the block it came from.
+
+    Args:
+        model: the model after :func:`grow_depth`.
+        ema_before: the EMA's state dict before growth (same names as the model before growth).
+        renames: from :func:`renamed_parameters` (several groups: merge the dicts).
+
+    Raises:
+        SurgeryError: an entry of the grown model has no EMA counterpart.
+    """
+    state = model.state_dict()
+    missing = []
+    with torch.no_grad():
+        for name, tensor in state.items():
+            src = ema_before.get(_old_name(name, renames))
+            if src is None or src.shape != tensor.shape:
+                missing.append(name)
+                continue
+            tensor.copy_(src)
+    if missing:
+        raise SurgeryError(f"MoGrow: {len(missing)} entries of the grown model have no EMA value "
+                           f"(first: {missing[0]}); the EMA must be the model's own, before growth")
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, old_names: dict[int, str], model: nn.Module,
+                          renames: dict[str, str], new: torch.optim.Optimizer) -> int:
+    """Carry Adam-style moments across a growth (MSG's ``transfer_states``; AutoProg resets them).
+
+    Every parameter of ``new`` (built over the grown model) takes a copy of the state of the old
+    parameter it came from: the same parameter for inherited blocks, the source block's for copies.
+
+    Args:
+        old: the optimizer before growth; ``old_names``: ``id(param) -> name`` in the old model.
+        model: the grown model; ``renames``: from :func:`renamed_parameters`.
+        new: a fresh optimizer over the grown model's parameters (same type).
+
+    Returns:
+        How many parameters received carried state (the others start fresh).
+    """
+    by_name = {old_names[id(p)]: st for p, st in old.state.items() if id(p) in old_names}
+    carried = 0
+    for name, param in model.named_parameters():
+        st = by_name.get(_old_name(name, renames))
+        if st is None:
+            continue
+        new.state[param] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        carried += 1
+    return carried
