@@ -145,3 +145,19 @@ def test_optimizer_moments_follow_the_parameters_they_belong_to():
         assert torch.equal(new_opt.state[param]["exp_avg_sq"], before[src]["exp_avg_sq"]), name
     assert renames["layer2.3."] == "layer2.2." and renames["layer2.2."] == "layer2.1."  # copies map to sources
     new_opt.step()  # the carried state has the right shapes
+
+
+def test_resolution_growth_resamples_position_embeddings():
+    from surgery.training.growth import set_resolution
+
+    vit = timm.create_model("test_vit", num_classes=10).eval()
+    set_resolution(vit, 96)
+    assert vit(torch.randn(2, 3, 96, 96)).shape == (2, 10)
+    assert vit.pos_embed.shape[1] == 1 + (96 // 16) ** 2
+    set_resolution(vit, 160)
+    assert vit(torch.randn(1, 3, 160, 160)).shape == (1, 10)
+    with pytest.raises(SurgeryError, match="not a multiple of the patch size"):
+        set_resolution(vit, 100)
+    cnn = timm.create_model("test_convnext", num_classes=10).eval()
+    set_resolution(cnn, 48)  # convolutions take any size
+    assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 10)

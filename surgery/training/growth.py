@@ -32,7 +32,7 @@ from torch import nn
 from surgery.errors import SurgeryError
 
 __all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters",
-           "renamed_parameters", "mogrow", "carry_optimizer_state"]
+           "renamed_parameters", "mogrow", "carry_optimizer_state", "set_resolution"]
 
 
 @dataclass(frozen=True)
@@ -344,3 +344,34 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_names: dict[int, str],
         new.state[param] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         carried += 1
     return carried
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def set_resolution(model: nn.Module, size: int) -> None:
+    """Make ``model`` take ``size`` x ``size`` inputs (AutoProg's resolution axis), in place.
+
+    Models with absolute position embeddings or fixed token grids (timm ViT, Swin, ...) are resized
+    with timm's own ``set_input_size``, which resamples the position embedding (bicubic, as AutoProg);
+    convolutional models take any size and are left as they are.
+
+    Raises:
+        SurgeryError: the patch size does not divide ``size``, or a model with a position embedding
+            offers no way to resize it.
+    """
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if size % ph or size % pw:
+            raise SurgeryError(f"resolution {size} is not a multiple of the patch size {ph}x{pw}")
+    if callable(getattr(model, "set_input_size", None)):
+        try:
+            model.set_input_size(img_size=(size, size))
+        except (AssertionError, RuntimeError, ValueError) as e:
+            raise SurgeryError(f"{type(model).__name__} cannot take {size}x{size} inputs: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return
+    if any(isinstance(getattr(model, n, None), torch.Tensor) for n in ("pos_embed", "absolute_pos_embed")):
+        raise SurgeryError(f"{type(model).__name__} has a position embedding but no set_input_size; "
+                           "its resolution cannot grow")
