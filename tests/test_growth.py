@@ -161,3 +161,40 @@ def test_resolution_growth_resamples_position_embeddings():
     cnn = timm.create_model("test_convnext", num_classes=10).eval()
     set_resolution(cnn, 48)  # convolutions take any size
     assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_manual_schedule_ramps_depth_resolution_and_drop_path():
+    from surgery.training.growth import manual_schedule
+
+    stages = manual_schedule(100, 4, [12], 224, depth_start=0.5, resolution_start=0.6, multiple=16, drop_path=0.1)
+    assert [s.depths for s in stages] == [(6,), (8,), (10,), (12,)]  # DeiT-12: 6/8/10/12, as AutoProg
+    assert [s.resolution for s in stages] == [128, 160, 192, 224]  # multiples of the patch, full at the end
+    assert [s.first_epoch for s in stages] == [0, 25, 50, 75] and sum(s.epochs for s in stages) == 100
+    assert stages[0].drop_path == 0 and stages[-1].drop_path == pytest.approx(0.1)
+    one = manual_schedule(5, 1, [4, 2], 32)
+    assert one[0].depths == (4, 2) and one[0].resolution == 32
+    with pytest.raises(SurgeryError, match="at least 4 epochs"):
+        manual_schedule(3, 4, [12], 224)
+
+
+def test_autoprog_choice_trades_loss_against_time():
+    from surgery.training.growth import autoprog_choice
+
+    # loss falling as a power of time with exponent -0.5: w = 0.5, L * T^0.5 is flat -> ties broken by noise;
+    # make the biggest candidate clearly better than the law predicts: it wins
+    times = [1.0, 2.0, 4.0]
+    losses = [1.0, 2.0 ** -0.5, 4.0 ** -0.5 * 0.8]
+    pick, fit = autoprog_choice(list(zip(losses, times, strict=True)))
+    assert pick == 2 and 0.4 < fit["w"] < 0.8
+    # the weight is the fitted slope: a candidate wins by lying below the loss-time trend
+    cands = [(1.0, 1.0), (0.99, 2.0), (0.985, 4.0)]
+    pick, fit = autoprog_choice(cands)
+    assert fit["w"] == pytest.approx(-fit["b"]) and fit["w"] < 0.05
+    scores = [loss * t ** fit["w"] for loss, t in cands]
+    assert pick == scores.index(min(scores))
+    # a loss that grows with time (b > 0): w = 0, the lowest loss wins
+    pick, fit = autoprog_choice([(0.9, 1.0), (1.2, 2.0), (1.5, 3.0)])
+    assert fit["w"] == 0 and pick == 0
+    assert autoprog_choice([(0.5, 0.1)])[0] == 0
+    with pytest.raises(SurgeryError, match="positive"):
+        autoprog_choice([(0.0, 1.0), (1.0, 2.0)])

@@ -23,6 +23,7 @@ ViT, Swin and PVT blocks).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +33,8 @@ from torch import nn
 from surgery.errors import SurgeryError
 
 __all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters",
-           "renamed_parameters", "mogrow", "carry_optimizer_state", "set_resolution"]
+           "renamed_parameters", "mogrow", "carry_optimizer_state", "set_resolution", "Stage", "manual_schedule",
+           "autoprog_choice"]
 
 
 @dataclass(frozen=True)
@@ -375,3 +377,94 @@ def set_resolution(model: nn.Module, size: int) -> None:
     if any(isinstance(getattr(model, n, None), torch.Tensor) for n in ("pos_embed", "absolute_pos_embed")):
         raise SurgeryError(f"{type(model).__name__} has a position embedding but no set_input_size; "
                            "its resolution cannot grow")
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a progressive schedule.
+
+    Attributes:
+        index: 0-based stage number; ``epochs``: its length; ``first_epoch``: where it starts.
+        depths: blocks per group (in :func:`find_block_groups` order) during the stage.
+        resolution: input side during the stage.
+        drop_path: drop-path rate during the stage (ramped like the rest, AutoProg Sec. 3.1).
+    """
+
+    index: int
+    first_epoch: int
+    epochs: int
+    depths: tuple[int, ...]
+    resolution: int
+    drop_path: float
+
+
+def manual_schedule(epochs: int, stages: int, full_depths: Sequence[int], full_resolution: int, *,
+                    depth_start: float = 0.5, resolution_start: float = 0.6, multiple: int = 1,
+                    drop_path: float = 0.0) -> list[Stage]:
+    """AutoProg's "Prog" baseline schedule: K equal stages, every knob ramped linearly to its maximum.
+
+    Stage k of K gets depth ``round(linspace(depth_start, 1, K)[k] * L)`` per group (at least 1),
+    resolution ``linspace(resolution_start, 1, K)[k] * R`` rounded down to ``multiple`` (a ViT's
+    patch size; at least one multiple), and drop-path ``linspace(0, drop_path, K)[k]``; the last stage
+    is always the full model at full resolution.
+
+    Raises:
+        SurgeryError: fewer epochs than stages, stages < 1, or ramps outside ``(0, 1]``.
+    """
+    if stages < 1 or epochs < stages:
+        raise SurgeryError(f"{stages} stages need at least {stages} epochs (got {epochs}); stages >= 1")
+    if not (0 < depth_start <= 1 and 0 < resolution_start <= 1):
+        raise SurgeryError(f"depth_start and resolution_start must be in (0, 1], got {depth_start}, {resolution_start}")
+    bounds = [round(k * epochs / stages) for k in range(stages + 1)]
+    out = []
+    for k in range(stages):
+        t = k / (stages - 1) if stages > 1 else 1.0
+        d = depth_start + (1 - depth_start) * t
+        r = resolution_start + (1 - resolution_start) * t
+        depths = tuple(max(1, min(full, round(d * full))) for full in full_depths)
+        res = max(multiple, int(r * full_resolution) // multiple * multiple)
+        out.append(Stage(k, bounds[k], bounds[k + 1] - bounds[k], depths, min(res, full_resolution),
+                         drop_path * t))
+    return out
+
+
+def autoprog_choice(candidates: Sequence[tuple[float, float]]) -> tuple[int, dict[str, float]]:
+    """AutoProg's pick among sub-network candidates (Li et al., CVPR 2022, Sec. 4.3; the code's criterion).
+
+    Each candidate has a (smoothed) training loss ``L`` and a measured step time ``T``; a power law
+    ``L ~ a * T^b`` is fitted over the candidates (scipy ``curve_fit``), ``w = max(-b, 0)``, and the
+    candidate minimising ``L * T^w`` wins: more compute is worth it only as far as the loss falls faster
+    than the time grows.
+
+    Args:
+        candidates: ``(loss, step_time_s)`` per candidate, both positive.
+
+    Returns:
+        ``(index of the chosen candidate, {"a", "b", "w"})``; with one candidate, ``(0, ...)``.
+
+    Raises:
+        SurgeryError: no candidates, or a non-positive loss or time.
+    """
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    if not candidates:
+        raise SurgeryError("autoprog_choice needs at least one candidate")
+    loss = np.array([c[0] for c in candidates], dtype=np.float64)
+    time_s = np.array([c[1] for c in candidates], dtype=np.float64)
+    if (loss <= 0).any() or (time_s <= 0).any():
+        raise SurgeryError("candidate losses and step times must be positive")
+    if len(candidates) == 1 or np.allclose(time_s, time_s[0]):
+        return int(np.argmin(loss)), {"a": float(loss[0]), "b": 0.0, "w": 0.0}
+    # a straight line in log-log space is the least-squares start; curve_fit refines in linear space
+    b0, log_a0 = np.polyfit(np.log(time_s), np.log(loss), 1)
+    try:
+        (a, b), _ = curve_fit(lambda t, a, b: a * np.power(t, b), time_s, loss, p0=(np.exp(log_a0), b0), maxfev=10_000)
+    except RuntimeError:  # no convergence: the log-log line is the fit
+        a, b = float(np.exp(log_a0)), float(b0)
+    w = max(-float(b), 0.0)
+    score = loss * np.power(time_s, w)
+    return int(np.argmin(score)), {"a": float(a), "b": float(b), "w": w}
