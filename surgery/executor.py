@@ -129,6 +129,9 @@ def run_jobs(
         if not distributed.init_from_env():
             raise SurgeryError("the torchrun executor needs a torchrun launch with more than one process "
                                "(torchrun --nproc-per-node N -m surgery ...)")
+        # Rank 0's list for everyone: a rank that looked later could see outputs a faster rank has
+        # just written and deal the remaining jobs differently (jobs skipped or run twice).
+        todo = distributed.broadcast_object(todo)
         me = distributed.rank()
         mine = todo[me::distributed.world_size()]
         local_results: dict[int, Any] = {}

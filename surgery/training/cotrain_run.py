@@ -266,6 +266,7 @@ def cotrain(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, w
     run = Path(out)
     existing = _check_folder(run, spec)
     distributed.check_batch(spec.batch_size)  # before anything is written
+    distributed.barrier()  # every rank has read the folder before rank 0 writes to it
     if existing is not None and existing.get("complete"):
         report(f"{run} is already co-trained with these options")
         return existing
