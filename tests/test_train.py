@@ -360,3 +360,18 @@ def test_a_task_without_logits_trains_and_reports_no_accuracy():
     result = train(model, make_data(), None, cfg(epochs=1),
                    task=lambda m, x, y: {"loss": nn.functional.cross_entropy(m(x), y)}, quiet=True)
     assert result.history[-1]["train_acc"] is None and math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_schedule_windows_continue_one_schedule():
+    """Consecutive runs that are windows of one schedule (growth stages) get one run's learning rates."""
+    data = make_data(64)
+    base = {"lr": 1e-2, "min_lr": 1e-4, "warmup_epochs": 1, "log_every": 0}
+    whole = train(conv_net(), data, None, cfg(**base, epochs=4), quiet=True)
+    first = train(conv_net(), data, None, cfg(**base, epochs=2, schedule_epochs=4), quiet=True)
+    second = train(conv_net(), data, None, cfg(**base, epochs=2, schedule_epochs=4, schedule_start_epoch=2),
+                   quiet=True)
+    lrs = [h["lr"] for h in first.history + second.history]
+    assert lrs == pytest.approx([h["lr"] for h in whole.history])
+    with pytest.raises(SurgeryError, match="run past schedule_epochs"):
+        train(conv_net(), data, None, {**base, "epochs": 3, "schedule_epochs": 4, "schedule_start_epoch": 2},
+              quiet=True)

@@ -173,6 +173,10 @@ class TrainConfig(BaseModel):
             loaders built here.
         freeze: ``"none"`` (DeRy FT) or ``"blocks"`` (DeRy FZ); see the module docstring.
         log_every: a step line (plain output and metrics.jsonl) every this many steps; 0 for none.
+        schedule_epochs: this run is a window of a learning-rate schedule this many epochs long
+            (a stage of progressive growth); None: the schedule is this run's ``epochs``.
+        schedule_start_epoch: where in that schedule this run starts (its warm-up and cosine continue
+            from there); ``schedule_start_epoch + epochs`` must not exceed ``schedule_epochs``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -197,11 +201,18 @@ class TrainConfig(BaseModel):
     seed: int = 0
     freeze: Literal["none", "blocks"] = "none"
     log_every: int = Field(50, ge=0)
+    schedule_epochs: int | None = Field(None, ge=1)
+    schedule_start_epoch: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_lrs(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.schedule_epochs is None and self.schedule_start_epoch:
+            raise ValueError("schedule_start_epoch needs schedule_epochs (the schedule it is a place in)")
+        if self.schedule_epochs is not None and self.schedule_start_epoch + self.epochs > self.schedule_epochs:
+            raise ValueError(f"epochs {self.schedule_start_epoch}..{self.schedule_start_epoch + self.epochs} run past "
+                             f"schedule_epochs ({self.schedule_epochs})")
         return self
 
 
@@ -634,8 +645,9 @@ def train(
         if folder is None:
             raise SurgeryError(f"nothing to resume: no complete checkpoint in {out}")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        defaults = TrainConfig().model_dump(mode="json")  # fields added later read as their defaults
         changed = sorted(k for k, v in config.model_dump(mode="json").items()
-                         if state["config"].get(k) != v and k not in _RESUME_FREE_FIELDS)
+                         if state["config"].get(k, defaults.get(k)) != v and k not in _RESUME_FREE_FIELDS)
         if state["steps_per_epoch"] != steps_per_epoch:
             changed.append(f"steps_per_epoch {state['steps_per_epoch']} -> {steps_per_epoch}")
         if state.get("world_size", 1) != world:

@@ -36,7 +36,7 @@ def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, to
 
 def warmup_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
     """Warm-up length in optimizer steps: ``warmup_steps`` if set, else ``warmup_epochs`` worth of steps."""
-    total = config.epochs * steps_per_epoch
+    total = (config.schedule_epochs or config.epochs) * steps_per_epoch
     steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
     return min(steps, total)
 
@@ -44,14 +44,20 @@ def warmup_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step :func:`cosine_lr` as a ``LambdaLR`` (stepped after every optimizer step)."""
-    total = config.epochs * steps_per_epoch
+    """Per-step :func:`cosine_lr` as a ``LambdaLR`` (stepped after every optimizer step).
+
+    A run that is one window of a longer schedule (``config.schedule_epochs``, starting at
+    ``config.schedule_start_epoch``: a stage of progressive growth) follows that schedule's warm-up
+    and cosine from its own place in it, so consecutive windows give one run's learning rates.
+    """
+    total = (config.schedule_epochs or config.epochs) * steps_per_epoch
+    offset = config.schedule_start_epoch * steps_per_epoch
     warm = warmup_steps_for(config, steps_per_epoch)
     base, floor = config.lr, config.min_lr
 
     def factor(step: int) -> float:
         # LambdaLR multiplies each group's initial lr; all groups start at config.lr.
-        return cosine_lr(step, base_lr=base, min_lr=floor, warmup_steps=warm, total_steps=total) / base
+        return cosine_lr(step + offset, base_lr=base, min_lr=floor, warmup_steps=warm, total_steps=total) / base
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
