@@ -24,3 +24,16 @@ def zoo_entries(names: list[str], size: int) -> list[ZooEntry]:
         else:
             entries.append(ZooEntry(name=n, random_init=True, input_size=(3, size, size)))
     return entries
+
+
+def dissected_workspace(root: Path, names: list[str], size: int):
+    """A workspace at ``root`` with ``names`` dissected at random init and ``size`` px; exits on a failure."""
+    from surgery.library import dissect_zoo
+    from surgery.workspace import Workspace
+
+    ws = Workspace(root)
+    status = dissect_zoo(zoo_entries(names, size), ws, verify=False)
+    failed = [f"{s.name}: {s.reason}" for s in status if s.status == "failed"]
+    if failed:
+        raise SystemExit(f"dissect failed: {failed}")
+    return ws

@@ -139,17 +139,9 @@ def launch(task: str, procs: int, args: argparse.Namespace, workspace: Path | No
 
 
 def make_workspace(root: Path, names: list[str], size: int) -> Path:
-    from random_zoo import zoo_entries
+    from random_zoo import dissected_workspace
 
-    from surgery.library import dissect_zoo
-    from surgery.workspace import Workspace
-
-    ws = Workspace(root)
-    status = dissect_zoo(zoo_entries(names, size), ws, verify=False)
-    failed = [f"{s.name}: {s.reason}" for s in status if s.status == "failed"]
-    if failed:
-        raise SystemExit(f"dissect failed: {failed}")
-    return root
+    return dissected_workspace(root, names, size).root
 
 
 def summarise(values: list[float]) -> str:

@@ -59,12 +59,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from random_zoo import zoo_entries  # noqa: E402
+from random_zoo import dissected_workspace  # noqa: E402
 
 import surgery.features as features_mod  # noqa: E402
 import surgery.similarity as sim_mod  # noqa: E402
 from surgery.cka import StreamingCKA  # noqa: E402
-from surgery.library import dissect_zoo  # noqa: E402
 from surgery.workspace import Workspace  # noqa: E402
 from zoo.data import BatchTransform, make_transform  # noqa: E402
 from zoo.entries import ZooEntry, build_model  # noqa: E402
@@ -126,12 +125,7 @@ def active():
 
 
 def make_workspace(root: Path, names: list[str], size: int) -> Workspace:
-    ws = Workspace(root)
-    status = dissect_zoo(zoo_entries(names, size), ws, verify=False)
-    failed = [f"{s.name}: {s.reason}" for s in status if s.status == "failed"]
-    if failed:
-        raise SystemExit(f"dissect failed: {failed}")
-    return ws
+    return dissected_workspace(root, names, size)
 
 
 def batch_bounds(n: int, batch_size: int) -> list[int]:

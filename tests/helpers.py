@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_ZOO = ["test_resnet", "test_vit", "test_efficientnet", "test_convnext"]
@@ -32,3 +34,19 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"surgery {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return result
+
+
+class CrashingData(Dataset):
+    """Raises after ``crash_after`` item reads, like a process killed mid-epoch."""
+
+    def __init__(self, base: Dataset, crash_after: int | None):
+        self.base, self.crash_after, self.reads = base, crash_after, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.crash_after is not None and self.reads > self.crash_after:
+            raise RuntimeError("simulated crash")
+        return self.base[i]

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from helpers import run_cli
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from helpers import CrashingData, run_cli
+from torch.utils.data import DataLoader, TensorDataset
 
 from surgery.errors import SurgeryError
 from surgery.training import train
@@ -182,20 +182,6 @@ def test_one_member_cotraining_is_plain_training(kind):
         assert torch.allclose(trained.eval()(x), plain.eval()(x), atol=1e-5 if kind == "looped" else 1e-3)
 
 
-class _Crashing(Dataset):
-    def __init__(self, base, crash_after=None):
-        self.base, self.crash_after, self.reads = base, crash_after, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.crash_after is not None and self.reads > self.crash_after:
-            raise RuntimeError("simulated crash")
-        return self.base[i]
-
-
 def test_killed_cotraining_resumes_exactly(tmp_path):
     cfg = {**CFG, "epochs": 3}
 
@@ -203,7 +189,7 @@ def test_killed_cotraining_resumes_exactly(tmp_path):
         torch.manual_seed(0)
         model = StackedMembers(_members(2, 16))
         task = CoTrainingTask(2, warmup=0.5, mixup=0.2)
-        loader = DataLoader(_Crashing(_data(), crash_after), batch_size=16, shuffle=True,
+        loader = DataLoader(CrashingData(_data(), crash_after), batch_size=16, shuffle=True,
                             generator=torch.Generator().manual_seed(3))
         res = train(model, loader, None, cfg, out_dir=out, task=task, resume=resume, quiet=True)
         return model, res

@@ -8,9 +8,10 @@ import math
 import pytest
 import timm
 import torch
+from helpers import CrashingData
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from surgery.errors import SurgeryError
 from surgery.training.loop import (
@@ -129,22 +130,6 @@ def test_select_trainable_conventions():
     train(net, make_data(64), None, cfg(epochs=1), trainable=head_only, quiet=True)
     for k, v in before.items():
         assert torch.equal(net[1].state_dict()[k], v)
-
-
-class CrashingData(Dataset):
-    """Raises after ``crash_after`` item reads, like a process killed mid-epoch."""
-
-    def __init__(self, base: TensorDataset, crash_after: int | None):
-        self.base, self.crash_after, self.reads = base, crash_after, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.crash_after is not None and self.reads > self.crash_after:
-            raise RuntimeError("simulated crash")
-        return self.base[i]
 
 
 @pytest.mark.parametrize("loader_kind", ["dataloader", "dataset"])

@@ -344,9 +344,3 @@ class CoTrainingTask:
         for i in range(s):
             out[f"member{i}_acc"] = hits[i]
         return out
-
-
-def member_accuracies(history: list[dict[str, Any]], ways: int) -> list[float | None]:
-    """The last epoch's training accuracy of every member, from the loop's history."""
-    last = history[-1] if history else {}
-    return [last.get(f"train_member{i}_acc") for i in range(ways)]

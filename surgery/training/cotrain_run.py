@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgery.errors import SurgeryError
-from surgery.training.phases import changed_fields
-from surgery.workspace import read_json, save_tensors, write_json, write_text
+from surgery.training.phases import check_run_folder
+from surgery.workspace import save_tensors, write_json, write_text
 
 __all__ = ["CoTrainSpec", "cotrain", "evaluate_ensemble", "SCHEMA"]
 
@@ -156,22 +156,7 @@ def evaluate_ensemble(ensemble, loader, device: str | torch.device = "cpu") -> d
 
 
 def _check_folder(run: Path, spec: CoTrainSpec) -> dict[str, Any] | None:
-    if run.exists() and not run.is_dir():
-        raise SurgeryError(f"--out {run} is a file; give a new or empty folder")
-    path = run / MANIFEST
-    if not path.exists():
-        if run.exists() and any(run.iterdir()):
-            raise SurgeryError(f"{run} is not empty and holds no co-training run ({MANIFEST} missing); give a new "
-                               "or empty --out")
-        return None
-    manifest = read_json(path, what="co-training manifest")
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise SurgeryError(f"{path} is not a {SCHEMA} manifest; give a new --out")
-    shown = changed_fields(manifest.get("spec", {}), spec.model_dump(mode="json"))
-    if shown:
-        raise SurgeryError(f"{run} holds another co-training run ({shown}); give a new --out, or the same options "
-                           "to resume it")
-    return manifest
+    return check_run_folder(run, MANIFEST, SCHEMA, spec, "co-training run")
 
 
 def _card(manifest: dict[str, Any]) -> str:

@@ -50,7 +50,7 @@ from surgery.training.incubation import (
     module_state,
     plan_modules,
 )
-from surgery.training.phases import changed_fields, finish_phase, parse_counts, phase_done
+from surgery.training.phases import check_run_folder, finish_phase, parse_counts, phase_done
 from surgery.workspace import load_tensors, read_json, save_tensors, write_json, write_text
 
 MANIFEST = "incubation.json"
@@ -340,27 +340,7 @@ def run_ft(run: Path, b: Built, splits, quiet: bool) -> dict[str, Any]:
 
 def _check_run_folder(run: Path, spec: IncubationSpec) -> dict[str, Any] | None:
     """The existing manifest of the same spec, None for a new run; refuses a folder of anything else."""
-    if run.exists() and not run.is_dir():
-        raise SurgeryError(f"--out {run} is a file; give a new or empty folder")
-    path = run / MANIFEST
-    if not path.exists():
-        if run.exists() and any(run.iterdir()):
-            raise SurgeryError(f"{run} is not empty and holds no incubation run ({MANIFEST} missing); "
-                               "give a new or empty --out")
-        return None
-    manifest = read_json(path, what="incubation manifest")
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "spec" not in manifest:
-        raise SurgeryError(f"{path} is not a {SCHEMA} manifest; give a new --out")
-    try:  # fields added later read as their defaults
-        old = IncubationSpec.model_validate(manifest["spec"]).model_dump(mode="json")
-    except ValidationError:
-        old = manifest["spec"]
-    new = spec.model_dump(mode="json")
-    shown = changed_fields(old, new)
-    if shown:
-        raise SurgeryError(f"{run} holds another incubation run ({shown}); give a new --out, or the same options "
-                           "to resume it")
-    return manifest
+    return check_run_folder(run, MANIFEST, SCHEMA, spec, "incubation run")
 
 
 def _run_mt_jobs(run: Path, b: Built, splits, jobs: int, executor: str | None, quiet: bool,

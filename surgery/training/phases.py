@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from surgery.errors import SurgeryError
 from surgery.workspace import read_json, write_json
 
 RESULT = "result.json"
 
-__all__ = ["RESULT", "phase_done", "finish_phase", "changed_fields", "parse_counts"]
+__all__ = ["RESULT", "phase_done", "finish_phase", "changed_fields", "parse_counts", "check_run_folder"]
 
 
 def phase_done(run: Path, name: str) -> dict[str, Any] | None:
@@ -54,6 +56,36 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], shown: int = 3) -> 
     a, b = _flatten(old), _flatten(new)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in changed[:shown])
+
+
+def check_run_folder(run: Path, manifest_name: str, schema: str, spec: BaseModel, what: str) -> dict[str, Any] | None:
+    """The folder's manifest when it holds a run of the same spec, None for a new or empty folder.
+
+    Fields added to the spec class after the run was made read as their defaults.
+
+    Raises:
+        SurgeryError: ``run`` is a file, a non-empty folder without the manifest, a manifest of another
+            schema, or a run of another spec (the message names the fields that differ).
+    """
+    if run.exists() and not run.is_dir():
+        raise SurgeryError(f"--out {run} is a file; give a new or empty folder")
+    path = run / manifest_name
+    if not path.exists():
+        if run.exists() and any(run.iterdir()):
+            raise SurgeryError(f"{run} is not empty and holds no {what} ({manifest_name} missing); "
+                               "give a new or empty --out")
+        return None
+    manifest = read_json(path, what=f"{what} manifest")
+    if not isinstance(manifest, dict) or manifest.get("schema") != schema or "spec" not in manifest:
+        raise SurgeryError(f"{path} is not a {schema} manifest; give a new --out")
+    try:
+        old = type(spec).model_validate(manifest["spec"]).model_dump(mode="json")
+    except ValidationError:
+        old = manifest["spec"]
+    shown = changed_fields(old, spec.model_dump(mode="json"))
+    if shown:
+        raise SurgeryError(f"{run} holds another {what} ({shown}); give a new --out, or the same options to resume it")
+    return manifest
 
 
 def parse_counts(text: str, names: Sequence[str], example: str, minimum: Sequence[int]) -> tuple[int, ...]:
