@@ -17,6 +17,20 @@ from helpers import TINY_ZOO, run_cli
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (``make test`` runs one worker per core) each worker, and every command it
+# starts, gets one thread: two workers with two threads each on two cores run slower than one.
+_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if _XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Restore one thread per xdist worker before each test (some test modules set two at import)."""
+    if _XDIST:
+        torch.set_num_threads(1)
+    yield
 
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory) -> Path:

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgery.errors import SurgeryError
-from surgery.training.phases import check_run_folder
+from surgery.training.phases import check_run_folder, split_loaders
 from surgery.workspace import save_tensors, write_json, write_text
 
 __all__ = ["CoTrainSpec", "cotrain", "evaluate_ensemble", "SCHEMA"]
@@ -71,18 +71,6 @@ class CoTrainSpec(BaseModel):
     views: bool = True
     mixup: float = Field(0.0, ge=0)
     members: Literal["auto", "stacked", "looped"] = "auto"
-
-
-def _loaders(spec: CoTrainSpec, mean, std):
-    from zoo.data import load_splits, make_loader, make_transform
-
-    splits = load_splits(spec.data, seed=spec.seed, val_fraction=VAL_FRACTION)
-    tf = make_transform(spec.input_size, mean, std)
-    drop_last = len(splits["train"]) > spec.batch_size  # a last batch of 1 breaks batch norm
-    loaders = (make_loader(splits["train"], spec.batch_size, shuffle=True, seed=spec.seed, transform=tf,
-                           drop_last=drop_last),
-               make_loader(splits["val"], 256, transform=tf), make_loader(splits["test"], 256, transform=tf))
-    return loaders, [str(c) for c in splits["train"].classes]
 
 
 def _choose_members(members, choice: str, example: torch.Tensor) -> tuple[torch.nn.Module, str, dict[str, float]]:
@@ -255,7 +243,9 @@ def cotrain(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, w
     if existing is not None and existing.get("complete"):
         report(f"{run} is already co-trained with these options")
         return existing
-    (train_loader, val_loader, test_loader), classes = _loaders(spec, cfg["mean"], cfg["std"])
+    (train_loader, val_loader, test_loader), classes = split_loaders(spec.data, spec.seed, spec.input_size,
+                                                                     spec.batch_size, cfg["mean"], cfg["std"],
+                                                                     VAL_FRACTION)
     division = divide(spec.model, ways, match=spec.match, input_size=spec.input_size, num_classes=len(classes),
                       seed=seed, regularisation=spec.regularisation, build=False)
     recipe = division.member_recipe

@@ -23,8 +23,9 @@ ViT, Swin and PVT blocks).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -32,9 +33,10 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 
-__all__ = ["BlockGroup", "find_block_groups", "depth_map", "grow_depth", "zero_residual", "grown_parameters",
-           "renamed_parameters", "mogrow", "carry_optimizer_state", "set_resolution", "Stage", "manual_schedule",
-           "autoprog_choice"]
+__all__ = ["BlockGroup", "find_block_groups", "depth_map", "growth_plan", "grow_depth", "zero_residual",
+           "grown_parameters", "renamed_parameters", "mogrow", "resized_group",
+           "select_blocks", "set_depths", "set_drop_path", "carry_optimizer_state", "set_resolution", "Stage",
+           "manual_schedule", "autoprog_choice"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,17 @@ def depth_map(old: int, new: int, mode: Literal["interleave", "stack"] = "interl
     return [k for k, c in enumerate(counts) for _ in range(c)]
 
 
+def growth_plan(old: int, new: int, mode: Literal["interleave", "stack"] = "interleave") -> list[tuple[int, int, bool]]:
+    """:func:`grow_depth`'s plan without a model: ``(new index, source index, is_new)`` per block, the
+    first occurrence of each source being the original block."""
+    seen: set[int] = set()
+    plan = []
+    for k, src in enumerate(depth_map(old, new, mode)):
+        plan.append((k, src, src in seen))
+        seen.add(src)
+    return plan
+
+
 def zero_residual(block: nn.Module) -> None:
     """Make a residual block compute the identity by zeroing the end of its residual branch(es).
 
@@ -217,20 +230,13 @@ def grow_depth(model: nn.Module, group: BlockGroup, new_length: int, *,
     Raises:
         SurgeryError: a shrinking ``new_length``, a stale group, or ``zero`` on an unknown block.
     """
-    container = model.get_submodule(group.container)
-    children = list(container)
+    _, children = _run_of(model, group)
     run = children[group.start:group.stop]
-    if len(run) != group.length or len(children) != group.container_length:
-        raise SurgeryError(f"{group.container} no longer has {group.length} blocks at {group.start}: find the groups "
-                           "again after changing the model")
-    mapping = depth_map(group.length, new_length, mode)
-    seen: set[int] = set()
-    grown, plan = [], []
-    for k, src in enumerate(mapping):
-        if src not in seen:
-            seen.add(src)
+    plan = growth_plan(group.length, new_length, mode)
+    grown = []
+    for _, src, is_new in plan:
+        if not is_new:
             grown.append(run[src])
-            plan.append((k, src, False))
             continue
         block = copy.deepcopy(run[src])
         if init == "zero":
@@ -240,14 +246,85 @@ def grow_depth(model: nn.Module, group: BlockGroup, new_length: int, *,
         elif init != "copy":
             raise SurgeryError(f"unknown init {init!r}; expected copy, zero or random")
         grown.append(block)
-        plan.append((k, src, True))
-    new_children = children[:group.start] + grown + children[group.stop:]
+    _replace_run(model, group, grown)
+    return plan
+
+
+def _run_of(model: nn.Module, group: BlockGroup) -> tuple[nn.Module, list[nn.Module]]:
+    container = model.get_submodule(group.container)
+    children = list(container)
+    if len(children) != group.container_length or len(children[group.start:group.stop]) != group.length:
+        raise SurgeryError(f"{group.container} no longer has {group.length} blocks at {group.start}: find the groups "
+                           "again after changing the model")
+    return container, children
+
+
+def _replace_run(model: nn.Module, group: BlockGroup, blocks: list[nn.Module]) -> None:
+    """Put ``blocks`` where the group's run is (a new container of the same kind; other children kept)."""
+    container, children = _run_of(model, group)
+    new_children = children[:group.start] + list(blocks) + children[group.stop:]
     rebuilt = type(container)(*new_children) if isinstance(container, nn.Sequential) else nn.ModuleList(new_children)
     parent_path, _, leaf = group.container.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, rebuilt)
-    _sync_depth_attributes(model, group, new_length)
-    return plan
+    _sync_depth_attributes(model, group, len(blocks))
+
+
+def resized_group(group: BlockGroup, length: int) -> BlockGroup:
+    """The same group after its run became ``length`` blocks long."""
+    return replace(group, length=length, container_length=group.container_length + length - group.length)
+
+
+def select_blocks(model: nn.Module, group: BlockGroup,
+                  keep: Sequence[int]) -> tuple[BlockGroup, list[tuple[int, int, bool]]]:
+    """Keep only the blocks ``keep`` (indices in the run, in order) of a group, in place.
+
+    Used to start a progressive schedule from a shallower copy of the full architecture (the first
+    blocks) and to extract an AutoProg sub-network from its supernet (the active blocks).
+
+    Returns:
+        The group after the change, and a plan like :func:`grow_depth`'s (``(new index, old index,
+        False)``) for :func:`renamed_parameters` with the group *before* the change.
+
+    Raises:
+        SurgeryError: an empty, unordered or out-of-range ``keep``, or a stale group.
+    """
+    keep = list(keep)
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= group.length:
+        raise SurgeryError(f"blocks to keep must be increasing indices in 0..{group.length - 1}, got {keep}")
+    _, children = _run_of(model, group)
+    run = children[group.start:group.stop]
+    _replace_run(model, group, [run[i] for i in keep])
+    return resized_group(group, len(keep)), [(k, i, False) for k, i in enumerate(keep)]
+
+
+def set_depths(model: nn.Module, groups: Sequence[BlockGroup], depths: Sequence[int]) -> list[BlockGroup]:
+    """Cut every group of a freshly built model to its first ``depths[i]`` blocks (a stage's
+    architecture: blocks of one run share one layout, so any ``d`` of them hold the same tensors).
+
+    Raises:
+        SurgeryError: a depth outside ``1..group.length``, or a count mismatch.
+    """
+    if len(depths) != len(groups):
+        raise SurgeryError(f"{len(groups)} block groups but {len(depths)} depths")
+    out = []
+    for group, depth in zip(groups, depths, strict=True):
+        if not 1 <= depth <= group.length:
+            raise SurgeryError(f"{group.container}: depth {depth} outside 1..{group.length}")
+        out.append(select_blocks(model, group, range(depth))[0] if depth < group.length else group)
+    return out
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Set stochastic depth in place: timm's ``DropPath`` modules, in model order, get
+    ``linspace(0, rate, n)`` (timm's per-block rule). A model built without drop path has none to
+    set (build it with ``drop_path_rate > 0`` to ramp it). Returns how many modules were set."""
+    from timm.layers import DropPath
+
+    found = [m for m in model.modules() if isinstance(m, DropPath)]
+    for i, m in enumerate(found):
+        m.drop_prob = rate * i / (len(found) - 1) if len(found) > 1 else rate
+    return len(found)
 
 
 def _sync_depth_attributes(model: nn.Module, group: BlockGroup, new_length: int) -> None:
@@ -341,8 +418,8 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_names: dict[int, str],
     carried = 0
     for name, param in model.named_parameters():
         st = by_name.get(_old_name(name, renames))
-        if st is None:
-            continue
+        if st is None or any(isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape for v in st.values()):
+            continue  # new, or resized (a resampled position embedding): fresh moments
         new.state[param] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         carried += 1
     return carried
@@ -449,7 +526,7 @@ def autoprog_choice(candidates: Sequence[tuple[float, float]]) -> tuple[int, dic
         SurgeryError: no candidates, or a non-positive loss or time.
     """
     import numpy as np
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     if not candidates:
         raise SurgeryError("autoprog_choice needs at least one candidate")
@@ -462,7 +539,10 @@ def autoprog_choice(candidates: Sequence[tuple[float, float]]) -> tuple[int, dic
     # a straight line in log-log space is the least-squares start; curve_fit refines in linear space
     b0, log_a0 = np.polyfit(np.log(time_s), np.log(loss), 1)
     try:
-        (a, b), _ = curve_fit(lambda t, a, b: a * np.power(t, b), time_s, loss, p0=(np.exp(log_a0), b0), maxfev=10_000)
+        with warnings.catch_warnings():  # a few candidates: the fit's covariance is not needed, nor estimable
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (a, b), _ = curve_fit(lambda t, a, b: a * np.power(t, b), time_s, loss, p0=(np.exp(log_a0), b0),
+                                  maxfev=10_000)
     except RuntimeError:  # no convergence: the log-log line is the fit
         a, b = float(np.exp(log_a0)), float(b0)
     w = max(-float(b), 0.0)

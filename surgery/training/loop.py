@@ -177,6 +177,8 @@ class TrainConfig(BaseModel):
             (a stage of progressive growth); None: the schedule is this run's ``epochs``.
         schedule_start_epoch: where in that schedule this run starts (its warm-up and cosine continue
             from there); ``schedule_start_epoch + epochs`` must not exceed ``schedule_epochs``.
+        ddp_find_unused: under torch.distributed, let DDP find parameters a step did not use (an
+            AutoProg supernet skips blocks); off otherwise, as it costs a graph traversal per step.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -203,6 +205,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=0)
     schedule_epochs: int | None = Field(None, ge=1)
     schedule_start_epoch: int = Field(0, ge=0)
+    ddp_find_unused: bool = False
 
     @model_validator(mode="after")
     def _check_lrs(self) -> TrainConfig:
@@ -237,6 +240,7 @@ class TrainResult:
     best_ema_val_acc: float | None = None
     checkpoint: Path | None = None
     ema_model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (without the EMA model)."""
@@ -492,7 +496,7 @@ def _rank_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _wrap_ddp(model: nn.Module, trainable_ids: set[int], frozen_norms: list[nn.Module],
-              device: torch.device) -> nn.Module:
+              device: torch.device, find_unused: bool = False) -> nn.Module:
     """DDP over the trainable part only (timm's training-task rule).
 
     Frozen parameters (a meta model around an incubated module, pretrained blocks under
@@ -509,7 +513,8 @@ def _wrap_ddp(model: nn.Module, trainable_ids: set[int], frozen_norms: list[nn.M
     ignored += [f"{mn}.{bn}" if mn else bn for mn, m in model.named_modules() if id(m) in frozen_norm_ids
                 for bn, _ in m.named_buffers(recurse=False)]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def _reduce_epoch(model: nn.Module, loss_sum: torch.Tensor, correct: torch.Tensor,
@@ -552,6 +557,7 @@ def train(
     task: Task | None = None,
     lr_scale: Mapping[nn.Parameter, float] | None = None,
     quiet: bool = False,
+    on_start: Callable[[torch.optim.Optimizer, nn.Module | None], None] | None = None,
 ) -> TrainResult:
     """Train a classifier in place with AdamW, warm-up + cosine, label smoothing, optional EMA and AMP.
 
@@ -572,9 +578,12 @@ def train(
             new stitches at 1); parameters not in it train at ``config.lr``. Pass the same mapping
             when resuming.
         quiet: print nothing.
+        on_start: called as ``on_start(optimizer, ema)`` once both are built, on a fresh (not resumed)
+            run only: a run that continues another (a growth stage) seeds the optimizer's moments and
+            the EMA there; a resumed run has them in its checkpoint.
 
     Returns:
-        A :class:`TrainResult`.
+        A :class:`TrainResult` (its ``optimizer`` holds the final state: a later run may carry it).
 
     Raises:
         SurgeryError: bad config, device, data or freeze setting; ``resume`` without a checkpoint;
@@ -623,7 +632,7 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    net = _wrap_ddp(model, trainable_ids, frozen_norms, device) if dist_on else model
+    net = _wrap_ddp(model, trainable_ids, frozen_norms, device, config.ddp_find_unused) if dist_on else model
     optimizer = torch.optim.AdamW(_param_groups(model, params, config.weight_decay, config.lr, lr_scale), lr=config.lr)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -666,7 +675,9 @@ def train(
         if not dist_on:  # under a group every epoch reseeds from (seed, epoch, rank) instead
             set_rng_state(state["rng"], train_loader)
         truncate_metrics(metrics_path, start_epoch)
-    elif out is not None and distributed.is_main():
+    if not resume and on_start is not None:
+        on_start(optimizer, ema.module if ema is not None else None)
+    if not resume and out is not None and distributed.is_main():
         # A fresh run starts a fresh log, and drops an older run's checkpoint so that a crash in its
         # first epoch can never be "resumed" from someone else's weights.
         metrics_path.unlink(missing_ok=True)
@@ -789,5 +800,5 @@ def train(
     return TrainResult(
         history=history, best_val_acc=best[0], best_epoch=best[1], last_val_acc=vals[-1][0] if vals else None,
         best_ema_val_acc=max(ema_vals) if ema_vals else None, checkpoint=checkpoint,
-        ema_model=ema.module if ema is not None else None,
+        ema_model=ema.module if ema is not None else None, optimizer=optimizer,
     )

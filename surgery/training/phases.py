@@ -19,7 +19,8 @@ from surgery.workspace import read_json, write_json
 
 RESULT = "result.json"
 
-__all__ = ["RESULT", "phase_done", "finish_phase", "changed_fields", "parse_counts", "check_run_folder"]
+__all__ = ["RESULT", "phase_done", "finish_phase", "changed_fields", "parse_counts", "check_run_folder",
+           "split_loaders"]
 
 
 def phase_done(run: Path, name: str) -> dict[str, Any] | None:
@@ -103,3 +104,20 @@ def parse_counts(text: str, names: Sequence[str], example: str, minimum: Sequenc
         raise SurgeryError(f"--epochs must be {','.join(names)} epoch counts (e.g. {example}"
                            f"{'; ' + lows if lows else ''}), got {text!r}")
     return values
+
+
+def split_loaders(data: str, seed: int, input_size: Sequence[int], batch_size: int, mean, std,
+                  val_fraction: float = 0.1):
+    """``(train, val, test)`` loaders of a data spec at ``input_size``, and the class names.
+
+    The train loader is shuffled from ``seed`` and drops a last partial batch when there is more
+    than one batch (a batch of one breaks batch norm); val and test are in order, 256 per batch.
+    """
+    from zoo.data import load_splits, make_loader, make_transform
+
+    splits = load_splits(data, seed=seed, val_fraction=val_fraction)
+    tf = make_transform(tuple(input_size), mean, std)
+    drop_last = len(splits["train"]) > batch_size
+    loaders = (make_loader(splits["train"], batch_size, shuffle=True, seed=seed, transform=tf, drop_last=drop_last),
+               make_loader(splits["val"], 256, transform=tf), make_loader(splits["test"], 256, transform=tf))
+    return loaders, [str(c) for c in splits["train"].classes]
