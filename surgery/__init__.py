@@ -16,6 +16,7 @@ Public API (imported lazily, so ``import surgery`` stays cheap)::
     surgery.align("my-model", "digits", teacher="best-single")  # incubation-aligned reassembly, in place
     surgery.divide("resnet18", ways=2)                 # S narrower members of about the same total size
     surgery.cotrain("resnet18", "fashion-mnist", ways=2, out="run")  # Divide-and-Co-training, resumable
+    surgery.grow("vit_tiny_patch16_224", "fashion-mnist", out="run", schedule="auto")  # AutoProg / MoGrow
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _LAZY = {
     "divide": ("surgery.training.divide", "divide"),
     "cotrain": ("surgery.training.cotrain_run", "cotrain"),
     "Ensemble": ("surgery.training.cotrain", "Ensemble"),
+    "grow": ("surgery.training.grow_run", "grow"),
 }
 
 __all__ = sorted(_LAZY)

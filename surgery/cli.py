@@ -462,7 +462,7 @@ def finetune(
 @app.command(epilog="Example: surgery evaluate reassembled --data digits")
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(
-        help="Model folder written by 'surgery reassemble', 'baseline', 'incubate' or 'cotrain'.")],
+        help="Model folder written by 'surgery reassemble', 'baseline', 'incubate', 'cotrain' or 'grow'.")],
     data: Annotated[str, typer.Option(help="Data to evaluate on.")],
     split: Annotated[str, typer.Option(help="test | val | train.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
@@ -536,6 +536,71 @@ def cotrain(
                            input_size=input_size, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                            match=match, lam=lam, warmup=warmup, views=views, mixup=mixup,
                            divide_weight_decay=divide_wd, members=members, quiet=as_json)
+    if as_json:
+        print(json_text(manifest))
+
+
+@app.command(epilog="Example: surgery grow vit_tiny_patch16_224 --model-kwargs '{\"patch_size\": 4}' --data "
+             "fashion-mnist --input-size 28 --epochs 12 --schedule auto --out grown")
+def grow(
+    model: Annotated[str, typer.Argument(help="timm architecture (random init): the full model it grows into.")],
+    data: Annotated[str, typer.Option(help="Target data (digits, fashion-mnist, a folder, ...).")],
+    out: Annotated[Path, typer.Option(help="Run folder; also the result's model folder. Rerun to resume.")],
+    epochs: Annotated[int, typer.Option(min=1, help="The whole budget, AutoProg's search epochs included.")] = 12,
+    stages: Annotated[int, typer.Option(help="K stages of equal length (1 = plain training); the last trains the "
+                                        "full model at full resolution.")] = 4,
+    schedule: Annotated[str, typer.Option(help="manual (depth and resolution ramped linearly) | auto (AutoProg "
+                                          "picks each stage's by a supernet search).")] = "manual",
+    init: Annotated[str, typer.Option(help="New blocks: mogrow (the grown model from the EMA) | copy (live "
+                                      "weights) | zero (copies with a zeroed residual: function-preserving) | "
+                                      "random.")] = "mogrow",
+    mode: Annotated[str, typer.Option(help="interleave (each block followed by its copy) | stack.")] = "interleave",
+    model_kwargs: Annotated[str | None, typer.Option(
+        help="JSON timm.create_model kwargs of the full model, e.g. '{\"depth\": 12}'.")] = None,
+    input_size: Annotated[int | None, typer.Option(min=1, help="Full square input side (default: the model's own).")
+                          ] = None,
+    depth_start: Annotated[float, typer.Option(help="First stage's depth, a fraction of the full one.")] = 0.5,
+    resolution_start: Annotated[float, typer.Option(help="First stage's resolution, a fraction of the full one.")
+                                ] = 0.6,
+    drop_path: Annotated[float, typer.Option(min=0, max=0.99, help="Full model's drop-path rate (ramped from 0).")
+                         ] = 0.0,
+    carry_optimizer: Annotated[bool, typer.Option(help="AdamW moments follow their parameters across a growth "
+                                                  "(off: reset, as AutoProg's code).")] = True,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (default: a horizon of 8% of a stage).")] = None,
+    search_epochs: Annotated[int, typer.Option(min=1, help="AutoProg: supernet epochs per stage.")] = 1,
+    search_batches: Annotated[int, typer.Option(min=1, help="AutoProg: training batches each candidate's loss is "
+                                                "measured on.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one warm-up + cosine over all stages).")
+                  ] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation, the data split and order.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (the run manifest).")] = False,
+) -> None:
+    """Train a model while it grows in depth and input resolution (AutoProg, MoGrow).
+
+    Li et al., CVPR 2022: training starts shallow at a low resolution and grows stage by stage to the full model; new blocks start from the EMA (MoGrow) or as copies; the learning-rate schedule runs on across growths. With --schedule auto each stage but the last trains an elastic supernet briefly and continues with the sub-network of the best loss-time trade-off measured on this machine. The result is a model folder (surgery evaluate, surgery export).
+    """  # noqa: E501  (one paragraph: the help text keeps the docstring's line breaks)
+    from surgery.training.grow_run import grow as run_grow
+
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a positive number (got {lr})")
+    if stages < 1:
+        fail(f"--stages must be at least 1 (got {stages})")
+    choices = {"--schedule": (schedule, ("manual", "auto")), "--init": (init, ("mogrow", "copy", "zero", "random")),
+               "--mode": (mode, ("interleave", "stack"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            fail(f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {value!r})")
+    for flag, value in (("--depth-start", depth_start), ("--resolution-start", resolution_start)):
+        if not (math.isfinite(value) and 0 < value <= 1):
+            fail(f"{flag} must be in (0, 1] (got {value})")
+    kwargs = _json_kwargs(model_kwargs, "--model-kwargs")
+    manifest = run_grow({"arch": model, "model_kwargs": kwargs}, data, out=out, epochs=epochs, stages=stages,
+                        schedule=schedule, init=init, mode=mode, input_size=input_size, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, drop_path=drop_path, depth_start=depth_start,
+                        resolution_start=resolution_start, carry_optimizer=carry_optimizer, ema_decay=ema_decay,
+                        search_epochs=search_epochs, search_batches=search_batches, seed=seed, quiet=as_json)
     if as_json:
         print(json_text(manifest))
 

@@ -316,15 +316,35 @@ def set_depths(model: nn.Module, groups: Sequence[BlockGroup], depths: Sequence[
 
 
 def set_drop_path(model: nn.Module, rate: float) -> int:
-    """Set stochastic depth in place: timm's ``DropPath`` modules, in model order, get
-    ``linspace(0, rate, n)`` (timm's per-block rule). A model built without drop path has none to
-    set (build it with ``drop_path_rate > 0`` to ramp it). Returns how many modules were set."""
+    """Set stochastic depth in place, by timm's rule: block ``i`` of the model's ``n`` blocks (over all
+    stages, in order) drops its residual branches with probability ``rate * i / (n - 1)``.
+
+    A block is an item of a ``nn.Sequential`` / ``nn.ModuleList`` holding timm ``DropPath`` modules;
+    blocks built at rate 0 (timm's first block, a model built without drop path) hold none and stay
+    at 0: build with ``drop_path_rate > 0`` to ramp it. Returns how many ``DropPath`` modules were set.
+    """
     from timm.layers import DropPath
 
-    found = [m for m in model.modules() if isinstance(m, DropPath)]
-    for i, m in enumerate(found):
-        m.drop_prob = rate * i / (len(found) - 1) if len(found) > 1 else rate
-    return len(found)
+    modules = dict(model.named_modules())
+    owner: dict[str, tuple[str, int]] = {}  # DropPath path -> (container path, item index)
+    for name, m in modules.items():
+        if not isinstance(m, DropPath):
+            continue
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the nearest ancestor that is an item of a container
+            container = ".".join(parts[:cut - 1]) if cut > 1 else ""
+            if parts[cut - 1].isdigit() and isinstance(modules.get(container), (nn.Sequential, nn.ModuleList)):
+                owner[name] = (container, int(parts[cut - 1]))
+                break
+    order: dict[str, int] = {}  # containers in model order -> ordinal of their first item
+    total = 0
+    for name in modules:
+        if name in {c for c, _ in owner.values()} and name not in order:
+            order[name] = total
+            total += len(modules[name])
+    for name, (container, index) in owner.items():
+        modules[name].drop_prob = rate * (order[container] + index) / max(total - 1, 1)
+    return len(owner)
 
 
 def _sync_depth_attributes(model: nn.Module, group: BlockGroup, new_length: int) -> None:
