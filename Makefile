@@ -7,10 +7,10 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n auto
 
 fast-test: setup
-	.venv/bin/python -m pytest -q -m "not slow"
+	.venv/bin/python -m pytest -q -n auto -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check .

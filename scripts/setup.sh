@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # pip (not uv/poetry): only pip sees the local torch wheel store on the project machines.
-if ! .venv/bin/python -c "import surgery, torch, timm, pulp, pytest" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import surgery, torch, timm, pulp, pytest, xdist" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet -c constraints.txt -e '.[dev,highs]'
 fi
 if [ ! -d /usr/share/dataset-fashion-mnist ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
