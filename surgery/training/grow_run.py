@@ -61,6 +61,7 @@ from surgery.training.growth import (
     set_depths,
     set_drop_path,
     set_resolution,
+    source_name,
 )
 from surgery.training.phases import check_run_folder, finish_phase, phase_done
 from surgery.training.report import append_jsonl
@@ -150,10 +151,10 @@ class _Run:
         self.spec, self.run, self.manifest, self.report, self.quiet = spec, run, manifest, report, quiet
         self.train_loader, self.val_loader, self.test_loader = loaders
         self.num_classes = num_classes
-        full = self.build()
+        self.meta = self.build_meta()
         self.groups = [BlockGroup(**g) for g in manifest["groups"]]
         self.full_depths = tuple(g.length for g in self.groups)
-        self.has_pos_embed = any(isinstance(getattr(full, n, None), torch.Tensor)
+        self.has_pos_embed = any(isinstance(getattr(self.meta, n, None), torch.Tensor)
                                  for n in ("pos_embed", "absolute_pos_embed"))
         # a model sized per input (dynamic ViT, CNN) takes any sampled resolution
         self.any_size = bool(spec.model["model_kwargs"].get("dynamic_img_size")) or not self.has_pos_embed
@@ -229,14 +230,14 @@ class _Run:
             groups.append(resized_group(group, depth))
         if spec.init == "mogrow":
             mogrow(model, end.ema, renames)
-        state = model.state_dict()
         ema = {}
-        for name, value in state.items():
+        for name, value in model.state_dict().items():
             from_model = spec.init in ("zero", "random") and any(name.startswith(p) for p in new_prefixes)
-            old = end.ema.get(_old_name(name, renames))
+            old = end.ema.get(source_name(name, renames))
             ema[name] = value.detach().clone() if from_model or old is None or old.shape != value.shape else old.clone()
         self.resize(model, resolution)
-        ema = {n: (t if t.shape == model.state_dict()[n].shape else model.state_dict()[n].detach().clone())
+        after = model.state_dict()
+        ema = {n: (t if t.shape == after[n].shape else after[n].detach().clone())
                for n, t in ema.items()}  # a resampled position embedding: the model's
         carry = _Carry(end.optimizer if spec.carry_optimizer else None, old_names, model, renames, ema)
         return groups, plans, carry
@@ -250,14 +251,14 @@ class _Run:
             new_group, plan = select_blocks(model, group, blocks)
             renames.update(renamed_parameters(group, plan))
             groups.append(new_group)
-        ema = {n: end.ema[_old_name(n, renames)].clone() for n in model.state_dict()}
+        ema = {n: end.ema[source_name(n, renames)].clone() for n in model.state_dict()}
         return groups, _Carry(end.optimizer, old_names, model, renames, ema)
 
     # -------------------------------------------------------------- stages
 
     def levels(self) -> list:
         spec = self.spec
-        patch = getattr(getattr(self.build_meta(), "patch_embed", None), "patch_size", 1)
+        patch = getattr(getattr(self.meta, "patch_embed", None), "patch_size", 1)
         multiple = patch if isinstance(patch, int) else max(patch)
         return manual_schedule(spec.epochs, spec.stages, self.full_depths, spec.input_size[-1],
                                depth_start=spec.depth_start, resolution_start=spec.resolution_start,
@@ -379,6 +380,10 @@ class _Run:
         else:
             with hook:
                 rec = self.measure(k, stage, options, super_end, elastic, result.ema_model, hook)
+            from surgery import distributed
+
+            # step times differ between ranks: rank 0's measurement decides, so all build one architecture
+            rec = distributed.broadcast_object(rec)
             records.append(rec)
             write_json(self.run / MANIFEST, self.manifest)
             append_jsonl(self.run / "metrics.jsonl", {"type": "search", "stage": k, **rec["search"]})
@@ -429,13 +434,6 @@ class _Run:
         if end is None:  # every stage had finished: the last one's state
             end = self.restore_end(len(levels) - 1)
         return end
-
-
-def _old_name(name: str, renames: dict[str, str]) -> str:
-    for new_prefix, old_prefix in renames.items():
-        if name.startswith(new_prefix):
-            return old_prefix + name[len(new_prefix):]
-    return name
 
 
 def _accepts(arch: str, kwargs: dict[str, Any], **extra) -> bool:

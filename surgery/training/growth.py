@@ -34,7 +34,7 @@ from torch import nn
 from surgery.errors import SurgeryError
 
 __all__ = ["BlockGroup", "find_block_groups", "depth_map", "growth_plan", "grow_depth", "zero_residual",
-           "grown_parameters", "renamed_parameters", "mogrow", "resized_group",
+           "grown_parameters", "renamed_parameters", "source_name", "mogrow", "resized_group",
            "select_blocks", "set_depths", "set_drop_path", "carry_optimizer_state", "set_resolution", "Stage",
            "manual_schedule", "autoprog_choice"]
 
@@ -385,7 +385,9 @@ def renamed_parameters(group: BlockGroup, plan: list[tuple[int, int, bool]]) -> 
     return out
 
 
-def _old_name(name: str, renames: dict[str, str]) -> str:
+def source_name(name: str, renames: dict[str, str]) -> str:
+    """A grown (or extracted) model's parameter name -> the name it had before (``renames`` from
+    :func:`renamed_parameters`)."""
     for new_prefix, old_prefix in renames.items():
         if name.startswith(new_prefix):
             return old_prefix + name[len(new_prefix):]
@@ -409,7 +411,7 @@ def mogrow(model: nn.Module, ema_before: dict[str, torch.Tensor], renames: dict[
     missing = []
     with torch.no_grad():
         for name, tensor in state.items():
-            src = ema_before.get(_old_name(name, renames))
+            src = ema_before.get(source_name(name, renames))
             if src is None or src.shape != tensor.shape:
                 missing.append(name)
                 continue
@@ -437,7 +439,7 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_names: dict[int, str],
     by_name = {old_names[id(p)]: st for p, st in old.state.items() if id(p) in old_names}
     carried = 0
     for name, param in model.named_parameters():
-        st = by_name.get(_old_name(name, renames))
+        st = by_name.get(source_name(name, renames))
         if st is None or any(isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape for v in st.values()):
             continue  # new, or resized (a resampled position embedding): fresh moments
         new.state[param] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
