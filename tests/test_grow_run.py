@@ -239,6 +239,7 @@ def test_cli_grow_evaluate_and_refusals(tmp_path):
     manifest = json.loads(proc.stdout)
     assert manifest["complete"] and manifest["stages"][0]["search"]["candidates"]
     assert (out / "README.md").read_text().startswith("# vit_tiny_patch16_224 grown")
+    assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
     ev = json.loads(run_cli("evaluate", str(out), "--data", DATA, "--json").stdout)
     assert ev["top1"] == pytest.approx(manifest["result"]["top1"])
     again = run_cli(*args[:-1])

@@ -35,7 +35,8 @@ from torch import nn
 from surgery.errors import SurgeryError
 from surgery.training.growth import BlockGroup
 
-__all__ = ["ElasticDepth", "InputSize", "Candidate", "candidates", "SupernetTask", "measure_candidates"]
+__all__ = ["ElasticDepth", "InputSize", "Candidate", "candidates", "SupernetTask", "measure_candidates",
+           "plot_searches"]
 
 
 def _identity(x, *args, **kwargs):
@@ -234,3 +235,43 @@ def measure_candidates(model: nn.Module, ema: nn.Module, elastic: ElasticDepth, 
         model.train(was[0])
         ema.train(was[1])
     return out
+
+
+def plot_searches(searches: Sequence[dict], path) -> None:
+    """AutoProg's choices as a picture: per searched stage, every candidate's step time T against its
+    EMA loss L, the fitted power law L = a T^b and the chosen candidate circled.
+
+    Args:
+        searches: ``[{"stage", "candidates": [{"loss", "step_s", "depths", "resolution"}], "chosen", "fit"}]``.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(searches), figsize=(4.2 * len(searches), 3.6), squeeze=False)
+    for ax, search in zip(axes[0], searches, strict=True):
+        table = search["candidates"]
+        t = np.array([c["step_s"] * 1e3 for c in table])
+        loss = np.array([c["loss"] for c in table])
+        ax.scatter(t, loss, s=18)
+        for c, x, y in zip(table, t, loss, strict=True):
+            ax.annotate(f"{'/'.join(map(str, c['depths']))}@{c['resolution']}", (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        grid = np.linspace(t.min(), t.max(), 50)
+        fit = search["fit"]
+        ax.plot(grid, fit["a"] * np.power(grid / 1e3, fit["b"]), lw=1, label=f"L = a T^{fit['b']:.2f}")
+        best = search["chosen"]
+        ax.scatter([t[best]], [loss[best]], s=120, facecolors="none", edgecolors="red", label="chosen")
+        ax.set_xlabel("training step (ms)")
+        ax.set_ylabel("EMA training loss")
+        ax.set_title(f"stage {search['stage'] + 1}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    from surgery.workspace import atomic_path
+
+    with atomic_path(path) as tmp:  # rank 0 writes; an interrupted write leaves the last picture
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

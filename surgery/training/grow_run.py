@@ -26,7 +26,8 @@ loss-time trade-off (:mod:`surgery.training.autoprog`).
 
 A run folder is also the result's model folder: ``grow.json`` (spec, block groups, every stage's
 architecture and AutoProg's candidate tables), ``metrics.jsonl`` (one record per stage and per
-search), ``stage_<k>/`` (the loop's log and checkpoints; ``stage_<k>/search/`` for the supernet), then
+search), ``search.png`` (AutoProg's candidates: step time against loss, the fit, the choice),
+``stage_<k>/`` (the loop's log and checkpoints; ``stage_<k>/search/`` for the supernet), then
 ``config.json`` (``kind: "model"``), ``model.safetensors`` and ``README.md``. ``kill -9`` and the same
 command resumes mid-stage (the architecture is rebuilt from the manifest before the checkpoint loads).
 """
@@ -45,7 +46,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from surgery.errors import SurgeryError
-from surgery.training.autoprog import Candidate, ElasticDepth, InputSize, SupernetTask, candidates, measure_candidates
+from surgery.training.autoprog import (
+    Candidate,
+    ElasticDepth,
+    InputSize,
+    SupernetTask,
+    candidates,
+    measure_candidates,
+    plot_searches,
+)
 from surgery.training.growth import (
     BlockGroup,
     autoprog_choice,
@@ -387,6 +396,8 @@ class _Run:
             records.append(rec)
             write_json(self.run / MANIFEST, self.manifest)
             append_jsonl(self.run / "metrics.jsonl", {"type": "search", "stage": k, **rec["search"]})
+            plot_searches([{"stage": r["index"], **r["search"]} for r in records if "search" in r],
+                          self.run / "search.png")
         groups, carry = self.extract(super_end, elastic.active(rec["depths"]))
         self.resize(model, rec["resolution"])
         return rec, model, groups, carry
