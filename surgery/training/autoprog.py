@@ -171,6 +171,11 @@ class SupernetTask:
         return self.base(model, x, y)
 
 
+def _autocast(x: torch.Tensor):
+    """Mixed precision on CUDA, as the loop trains there (a step timed in float32 would mislead)."""
+    return torch.autocast(x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda")
+
+
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in model.named_buffers()}
 
@@ -211,7 +216,8 @@ def measure_candidates(model: nn.Module, ema: nn.Module, elastic: ElasticDepth, 
             total, n = 0.0, 0
             with torch.no_grad():
                 for x, y in batches:
-                    total += float(loss_fn(ema(x), y)) * y.shape[0]
+                    with _autocast(x):
+                        total += float(loss_fn(ema(x), y)) * y.shape[0]
                     n += y.shape[0]
             _restore(ema, saved_ema)
             elastic.apply(model, cand.depths)
@@ -219,7 +225,9 @@ def measure_candidates(model: nn.Module, ema: nn.Module, elastic: ElasticDepth, 
             times = []
             for i in range(timed_steps + 1):
                 t0 = clock()
-                loss_fn(model(x), y).backward()
+                with _autocast(x):
+                    loss = loss_fn(model(x), y)
+                loss.backward()
                 if i:
                     times.append(clock() - t0)
             model.zero_grad(set_to_none=True)
