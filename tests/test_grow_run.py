@@ -251,3 +251,23 @@ def test_cli_grow_evaluate_and_refusals(tmp_path):
                        check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, bad
     assert not (tmp_path / "x").exists()
+
+
+def _rank_grow(out: str) -> dict:
+    """One rank of a 2-process AutoProg run (module level: spawned processes import it)."""
+    torch.set_num_threads(1)
+    manifest = grow_run.grow(VIT, DATA, out=out, epochs=6, stages=2, input_size=16, batch_size=32, quiet=True,
+                             schedule="auto")
+    return {"stages": [(s["depths"], s["resolution"]) for s in manifest["stages"]],
+            "state": load_tensors(f"{out}/model.safetensors")}
+
+
+def test_autoprog_under_ddp_skips_blocks_and_agrees_across_ranks(tmp_path):
+    """The supernet's skipped blocks leave parameters unused in a step (DDP must be told); rank 0's
+    timing decides the sub-network for every rank, and the ranks end identical."""
+    from surgery import distributed
+
+    ranks = distributed.launch_local(_rank_grow, 2, (str(tmp_path / "g"),))
+    assert ranks[0]["stages"] == ranks[1]["stages"] and ranks[0]["stages"][-1] == ([4], 16)
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
