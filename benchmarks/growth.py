@@ -3,8 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/growth.py [--seeds 0 1 2] [--epochs 12] [--per-class 200] [--workers 2]
-        [--variants full copy mogrow random auto] [--work ~/.cache/surgery/growth-bench] [--report-only]
-        [--out benchmarks/results]
+        [--variants full copy mogrow random auto depth resolution short] [--work ~/.cache/surgery/growth-bench]
+        [--report-only] [--out benchmarks/results]
 
 What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is skipped):
 
@@ -21,7 +21,11 @@ What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is
     EMA), re-initialised, or copied with a zeroed residual branch (function-preserving); optimizer
     moments carried;
   - ``auto``: AutoProg (MoGrow, a 1-epoch supernet search at the start of stages 1-3, counted in the
-    budget, losses over 5 training batches).
+    budget, losses over 5 training batches);
+  - ``depth`` / ``resolution``: the manual schedule growing one axis only (where the cost and the
+    accuracy go);
+  - ``short``: the full model for 60% of the epochs (about the manual schedules' wall time: the
+    equal-cost alternative).
 * ``--workers`` runs at once, one thread each (the executor's setting), variants interleaved so that
   every variant meets the same load. Wall time is the training's own (epochs, search, measurements),
   not the test evaluation.
@@ -53,10 +57,14 @@ VARIANTS = {
     "random": {"init": "random"},
     "zero": {"init": "zero"},
     "auto": {"schedule": "auto", "init": "mogrow", "search_batches": 5},
+    "depth": {"init": "mogrow", "resolution_start": 1.0},
+    "resolution": {"init": "mogrow", "depth_start": 1.0},
+    "short": {"stages": 1, "epoch_fraction": 0.6},
 }
 LABELS = {"full": "full model throughout", "copy": "manual, copy live weights", "mogrow": "manual, MoGrow (EMA)",
           "random": "manual, random new blocks", "zero": "manual, zero-residual copies (function-preserving)",
-          "auto": "AutoProg (MoGrow)"}
+          "auto": "AutoProg (MoGrow)", "depth": "manual, depth only (MoGrow)",
+          "resolution": "manual, resolution only", "short": "full model, 60% of the epochs"}
 
 
 def run_folder(work: Path, variant: str, seed: int) -> Path:
@@ -68,9 +76,10 @@ def one_run(work: str, variant: str, seed: int, epochs: int, per_class: int) -> 
     from surgery.training.grow_run import grow
 
     t0 = time.time()
+    options = {"stages": 4, **VARIANTS[variant]}
+    epochs = max(1, round(epochs * options.pop("epoch_fraction", 1.0)))
     manifest = grow(MODEL, f"fashion-mnist:per_class={per_class}", out=run_folder(Path(work), variant, seed),
-                    epochs=epochs, input_size=SIZE, batch_size=64, lr=1e-3, seed=seed, quiet=True,
-                    **{"stages": 4, **VARIANTS[variant]})
+                    epochs=epochs, input_size=SIZE, batch_size=64, lr=1e-3, seed=seed, quiet=True, **options)
     res = manifest["result"]
     print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed}: test top-1 {res['top1']:.4f} (EMA "
           f"{res['ema_top1']:.4f}), training {res['wall_s']:.0f} s ({time.time() - t0:.0f} s with evaluation)",
@@ -94,7 +103,8 @@ def report(args, runs: dict) -> str:
         "",
         f"DeiT-Tiny-like ViT (timm `vit_tiny_patch16_224`, patch 4 at {SIZE} px, width 192, depth 12, random "
         f"init), Fashion-MNIST with {args.per_class} images per class in each pool ({9 * args.per_class} train, "
-        f"{args.per_class} val, {10 * args.per_class} test images), {args.epochs} epochs for every variant, batch 64, "
+        f"{args.per_class} val, {10 * args.per_class} test images), {args.epochs} epochs for every variant (but "
+        f"`short`: {max(1, round(0.6 * args.epochs))}), batch 64, "
         f"AdamW lr 1e-3, one warm-up + cosine schedule, EMA; seeds {' '.join(map(str, args.seeds))}; "
         f"{args.workers} runs at once, one thread each. Manual schedule: 4 stages, depth 6/8/10/12, resolution "
         "16/20/24/28. Speed-up and Δ are per seed against `full`, then averaged.",
@@ -145,7 +155,8 @@ def plot(args, runs: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["full", "copy", "mogrow", "random", "auto"],
+    ap.add_argument("--variants", nargs="+",
+                    default=["full", "copy", "mogrow", "random", "auto", "depth", "resolution", "short"],
                     choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--per-class", type=int, default=200)
