@@ -1,6 +1,7 @@
-"""Growing a model's depth during training: the operators (AutoProg, Li et al., CVPR 2022; MSG / LEMON).
+"""Growing a model during training: the operators (AutoProg, Li et al., CVPR 2022; MSG / LEMON).
 
-This first part holds what every growth schedule needs, found generically from the module tree:
+What every growth schedule needs, found generically from the module tree (the runner is
+:mod:`surgery.training.grow_run`, AutoProg's supernet :mod:`surgery.training.autoprog`):
 
 * :func:`find_block_groups`: the runs of repeated, shape-preserving blocks of a model (a ViT's
   ``blocks``, each ResNet stage's blocks after its downsampling block, each ConvNeXt / Swin stage's
@@ -18,6 +19,12 @@ A zeroed residual branch uses what the block offers: timm's ``zero_init_last()``
 CNN blocks: the last norm's weight, and here its bias too), a layer-scale ``gamma`` (ConvNeXt,
 CaiT-style ``ls1``/``ls2``), or else the branch's last projection (``attn.proj`` and ``mlp.fc2`` of
 ViT, Swin and PVT blocks).
+
+Also here: :func:`select_blocks` / :func:`set_depths` (a shallower copy of a run: a stage's
+architecture, a supernet's sub-network), :func:`renamed_parameters` / :func:`source_name` (where
+each parameter came from), :func:`mogrow` and :func:`carry_optimizer_state` (what a growth carries),
+:func:`set_resolution` and :func:`set_drop_path` (the other ramped knobs), :func:`manual_schedule`
+and :func:`autoprog_choice` (the schedules).
 """
 
 from __future__ import annotations
