@@ -207,27 +207,14 @@ def main() -> None:
     ap.add_argument("--timing-only", action="store_true", help="Only the speed table (and the report).")
     args = ap.parse_args()
 
-    from surgery.executor import run_jobs
+    from runs import run_all
 
     args.work.mkdir(parents=True, exist_ok=True)
     jobs = [(str(args.work), net, ways, seed, args.epochs, args.train_per_class)
             for net in args.nets for seed in args.seeds for ways in [*args.ways, PLAIN]]
-
-    def finished(i: int) -> bool:
-        folder = run_folder(args.work, *jobs[i][1:4])
-        path = folder / "cotrain.json"
-        return path.exists() and json.loads(path.read_text()).get("complete", False)
-
-    if not (args.report_only or args.timing_only):
-        started = time.time()
-        run_jobs(one_run, jobs, backend="process" if args.workers > 1 else "serial", workers=args.workers,
-                 done=finished)
-        print(f"runs done in {time.time() - started:.0f} s", flush=True)
-    runs = {}
-    for job in jobs:
-        path = run_folder(args.work, *job[1:4]) / "cotrain.json"
-        if path.exists() and json.loads(path.read_text()).get("complete"):
-            runs[job[1:4]] = json.loads(path.read_text())
+    done = run_all(one_run, jobs, lambda job: run_folder(args.work, *job[1:4]) / "cotrain.json", args.workers,
+                   skip=args.report_only or args.timing_only)
+    runs = {job[1:4]: m for job, m in done.items()}
     times_path = args.work / "timing.json"
     if args.report_only and times_path.exists():
         times = {tuple(json.loads(k)): v for k, v in json.loads(times_path.read_text()).items()}

@@ -38,7 +38,6 @@ over the other initialisations shown, or its absence stated.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -139,7 +138,7 @@ def plot(args, runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    markers = dict(zip(VARIANTS, "osD^vP", strict=True))
+    markers = dict(zip(VARIANTS, "osD^vPX*h", strict=True))
     for variant in args.variants:
         pts = [(m["result"]["wall_s"], 100 * m["result"]["top1"]) for (v, _), m in runs.items() if v == variant]
         if pts:
@@ -166,27 +165,15 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="Tables from the finished runs only.")
     args = ap.parse_args()
 
-    from surgery.executor import run_jobs
+    from runs import run_all
 
     args.work.mkdir(parents=True, exist_ok=True)
     # seed-major, variants interleaved: the two workers always run different variants side by side
     jobs = [(str(args.work), variant, seed, args.epochs, args.per_class)
             for seed in args.seeds for variant in args.variants]
-
-    def finished(i: int) -> bool:
-        path = run_folder(args.work, *jobs[i][1:3]) / "grow.json"
-        return path.exists() and json.loads(path.read_text()).get("complete", False)
-
-    if not args.report_only:
-        started = time.time()
-        run_jobs(one_run, jobs, backend="process" if args.workers > 1 else "serial", workers=args.workers,
-                 done=finished)
-        print(f"runs done in {time.time() - started:.0f} s", flush=True)
-    runs = {}
-    for job in jobs:
-        path = run_folder(args.work, *job[1:3]) / "grow.json"
-        if path.exists() and json.loads(path.read_text()).get("complete"):
-            runs[job[1:3]] = json.loads(path.read_text())
+    done = run_all(one_run, jobs, lambda job: run_folder(args.work, *job[1:3]) / "grow.json", args.workers,
+                   skip=args.report_only)
+    runs = {job[1:3]: m for job, m in done.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(args, runs)
     (args.out / "growth.md").write_text(text)
