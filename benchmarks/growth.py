@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/growth.py [--seeds 0 1 2] [--epochs 12] [--per-class 200] [--workers 2]
-        [--variants full copy mogrow random auto depth resolution short] [--work ~/.cache/surgery/growth-bench]
+        [--variants full copy mogrow random auto depth resolution short auto_depth]
+        [--work ~/.cache/surgery/growth-bench]
         [--report-only] [--out benchmarks/results]
 
 What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is skipped):
@@ -23,7 +24,7 @@ What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is
   - ``auto``: AutoProg (MoGrow, a 1-epoch supernet search at the start of stages 1-3, counted in the
     budget, losses over 5 training batches);
   - ``depth`` / ``resolution``: the manual schedule growing one axis only (where the cost and the
-    accuracy go);
+    accuracy go); ``auto_depth``: AutoProg searching depth only, at full resolution;
   - ``short``: the full model for 60% of the epochs (about the manual schedules' wall time: the
     equal-cost alternative).
 * ``--workers`` runs at once, one thread each (the executor's setting), variants interleaved so that
@@ -59,11 +60,13 @@ VARIANTS = {
     "depth": {"init": "mogrow", "resolution_start": 1.0},
     "resolution": {"init": "mogrow", "depth_start": 1.0},
     "short": {"stages": 1, "epoch_fraction": 0.6},
+    "auto_depth": {"schedule": "auto", "init": "mogrow", "search_batches": 5, "resolution_start": 1.0},
 }
 LABELS = {"full": "full model throughout", "copy": "manual, copy live weights", "mogrow": "manual, MoGrow (EMA)",
           "random": "manual, random new blocks", "zero": "manual, zero-residual copies (function-preserving)",
           "auto": "AutoProg (MoGrow)", "depth": "manual, depth only (MoGrow)",
-          "resolution": "manual, resolution only", "short": "full model, 60% of the epochs"}
+          "resolution": "manual, resolution only", "short": "full model, 60% of the epochs",
+          "auto_depth": "AutoProg, depth only (MoGrow)"}
 
 
 def run_folder(work: Path, variant: str, seed: int) -> Path:
@@ -138,7 +141,7 @@ def plot(args, runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    markers = dict(zip(VARIANTS, "osD^vPX*h", strict=True))
+    markers = dict(zip(VARIANTS, "osD^vPX*hd", strict=True))
     for variant in args.variants:
         pts = [(m["result"]["wall_s"], 100 * m["result"]["top1"]) for (v, _), m in runs.items() if v == variant]
         if pts:
@@ -155,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+",
-                    default=["full", "copy", "mogrow", "random", "auto", "depth", "resolution", "short"],
+                    default=["full", "copy", "mogrow", "random", "auto", "depth", "resolution", "short", "auto_depth"],
                     choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--per-class", type=int, default=200)
