@@ -122,6 +122,8 @@ def test_candidates_and_their_measurement():
     assert {(c.depths[0], c.resolution) for c in first} == {(d, r) for d in (6, 10, 12) for r in (16, 24, 28)}
     later = candidates(2, levels, res, current=(1, 2))
     assert {(c.depths[0], c.resolution) for c in later} == {(d, r) for d in (8, 10, 12) for r in (24, 28)}
+    fixed = candidates(0, levels, [28] * 4)  # resolution not grown: depth candidates only, once each
+    assert [(c.depths[0], c.resolution) for c in fixed] == [(6, 28), (10, 28), (12, 28)]
 
     model = _vit(depth=4)
     [group] = find_block_groups(model, torch.randn(2, 3, 16, 16))

@@ -146,7 +146,12 @@ def candidates(stage: int, depth_levels: Sequence[tuple[int, ...]], res_levels: 
     else:
         d_opts = sorted({min(current[0] + j, last) for j in range(3)})
         r_opts = sorted({min(current[1] + j, last) for j in range(2)})
-    return [Candidate(d, r, tuple(depth_levels[d]), int(res_levels[r])) for d in d_opts for r in r_opts]
+    out: dict[tuple, Candidate] = {}  # levels of equal values (a ramp that does not move) are one candidate
+    for d in d_opts:
+        for r in r_opts:
+            key = (tuple(depth_levels[d]), int(res_levels[r]))
+            out.setdefault(key, Candidate(d, r, *key))
+    return list(out.values())
 
 
 class SupernetTask:
