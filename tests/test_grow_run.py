@@ -273,3 +273,26 @@ def test_autoprog_under_ddp_skips_blocks_and_agrees_across_ranks(tmp_path):
     assert ranks[0]["stages"] == ranks[1]["stages"] and ranks[0]["stages"][-1] == ([4], 16)
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model,size", [
+    ({"arch": "resnet18", "model_kwargs": {"layers": (3, 3, 3, 3), "channels": (8, 16, 32, 64)}}, 32),
+    ({"arch": "swin_tiny_patch4_window7_224", "model_kwargs": {"depths": (2, 2, 2, 2), "embed_dim": 24,
+                                                                "num_heads": (1, 2, 2, 4), "window_size": 4}}, 64),
+], ids=["resnet", "swin"])
+def test_cnn_and_hierarchical_models_grow_to_the_full_model(tmp_path, model, size):
+    import surgery
+
+    m = grow_run.grow(model, DATA, out=tmp_path / "g", epochs=2, stages=2, input_size=size, batch_size=32,
+                      quiet=True)
+    assert [s["depths"] for s in m["stages"]] == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    recipe = json.loads((tmp_path / "g" / "config.json").read_text())["entry"]["model_kwargs"]
+    assert recipe["img_size"] == size if "swin" in model["arch"] else "img_size" not in recipe
+    full = timm.create_model(model["arch"], **recipe)  # the full architecture, as built directly
+    assert m["result"]["params"] == sum(p.numel() for p in full.parameters())
+    loaded = surgery.load(tmp_path / "g")
+    state = load_tensors(tmp_path / "g" / "model.safetensors")
+    x = torch.randn(2, 3, size, size)
+    full.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), full.eval()(x))
