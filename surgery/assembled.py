@@ -171,8 +171,8 @@ def read_recipe(model_dir: str | os.PathLike) -> dict[str, Any]:
 def rebuild(recipe: dict[str, Any]) -> nn.Module:
     """The architecture of a recipe with random weights (load the weights afterwards).
 
-    A recipe of ``kind: "model"`` (``surgery incubate``'s result) is one whole timm model: its entry's
-    architecture is built as is; ``kind: "ensemble"`` (``surgery cotrain``) is an
+    A recipe of ``kind: "model"`` (``surgery incubate``'s and ``surgery grow``'s results) is one whole
+    timm model: its entry's architecture is built as is; ``kind: "ensemble"`` (``surgery cotrain``) is an
     :class:`~surgery.training.cotrain.Ensemble` of its member recipe. Any other recipe is a reassembled chain.
     """
     if recipe.get("kind") == "model":
@@ -202,7 +202,7 @@ def rebuild(recipe: dict[str, Any]) -> nn.Module:
 
 
 def load(model_dir: str | os.PathLike) -> nn.Module:
-    """Load a model folder (``surgery reassemble``, ``baseline``, ``incubate`` or ``cotrain``): no unpickling.
+    """Load a model folder (``surgery reassemble``, ``baseline``, ``incubate``, ``cotrain`` or ``grow``): no unpickling.
 
     Args:
         model_dir: the folder holding ``config.json`` and ``model.safetensors``.

@@ -266,9 +266,15 @@ class _Run:
     # -------------------------------------------------------------- stages
 
     def levels(self) -> list:
+        """The manual ramp; resolutions are multiples of the patch size (ViTs) or of the network's
+        total stride (CNNs: a smaller input would shrink to nothing in the last stage)."""
         spec = self.spec
-        patch = getattr(getattr(self.meta, "patch_embed", None), "patch_size", 1)
-        multiple = patch if isinstance(patch, int) else max(patch)
+        patch = getattr(getattr(self.meta, "patch_embed", None), "patch_size", None)
+        if patch is not None:
+            multiple = patch if isinstance(patch, int) else max(patch)
+        else:
+            info = getattr(self.meta, "feature_info", None) or []
+            multiple = max([int(f.get("reduction", 1)) for f in info if isinstance(f, dict)] or [1])
         return manual_schedule(spec.epochs, spec.stages, self.full_depths, spec.input_size[-1],
                                depth_start=spec.depth_start, resolution_start=spec.resolution_start,
                                multiple=multiple, drop_path=spec.drop_path)
@@ -322,7 +328,8 @@ class _Run:
             write_json(self.run / MANIFEST, self.manifest)
         depths, resolution = tuple(rec["depths"]), rec["resolution"]
         set_drop_path(model, stage.drop_path)
-        self.report(f"stage {k + 1}/{spec.stages}: epochs {first + 1}-{first + epochs}, depth "
+        span = f"epoch {first + 1}" if epochs == 1 else f"epochs {first + 1}-{first + epochs}"
+        self.report(f"stage {k + 1}/{spec.stages}: {span} of {spec.epochs}, depth "
                     f"{'/'.join(map(str, depths))}, resolution {resolution}, drop-path {stage.drop_path:.3g}")
         result = self.train_window(model, folder, epochs, first, spec.seed + k, resolution, carry)
         wall = sum(r["epoch_time_s"] for r in result.history)
@@ -422,7 +429,7 @@ class _Run:
         self.report("  candidates (depth@resolution: EMA loss, ms per step): "
                     + "; ".join(f"{'/'.join(map(str, t['depths']))}@{t['resolution']}: {t['loss']:.3f}, "
                                 f"{t['step_s'] * 1e3:.0f}" + (" <-" if i == index else "") for i, t in enumerate(table))
-                    + f"; fit L ~ T^{fit['b']:.3f}, w {fit['w']:.3f}")
+                    + f"; fit L ~ T^{fit['b']:.3f}, time weight w = {fit['w']:.3f} (argmin L T^w)")
         return {"index": k, "first_epoch": stage.first_epoch, "epochs": stage.epochs,
                 "search_epochs": spec.search_epochs, "depths": chosen["depths"], "resolution": chosen["resolution"],
                 "drop_path": stage.drop_path, "depth_level": chosen["depth_level"], "res_level": chosen["res_level"],
@@ -478,7 +485,8 @@ def _card(manifest: dict[str, Any]) -> str:
              "| stage | epochs | depths | resolution | val top-1 | AutoProg candidates |", "|---|---|---|---|---|---|",
              *rows]
     if res:
-        lines += ["", f"Test top-1 **{res['top1']:.2%}** (EMA {res['ema_top1']:.2%}), {res['n']} images; training "
+        lines += ["", f"Test top-1 {res['top1']:.2%}, EMA {res['ema_top1']:.2%} ({res['n']} images); the saved weights "
+                  f"are the {'EMA' if res.get('saved') == 'ema' else 'model'}'s (the better on validation). Training "
                   f"{res['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -552,12 +560,13 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
                         weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed)
     except ValidationError as e:
         err = e.errors()[0]
-        raise SurgeryError(f"bad growth setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise SurgeryError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     if spec.epochs < spec.stages:
         raise SurgeryError(f"{spec.stages} stages need at least {spec.stages} epochs (got {spec.epochs})")
     if spec.schedule == "auto" and spec.stages > 1 and spec.epochs // spec.stages <= spec.search_epochs:
-        raise SurgeryError(f"AutoProg needs more epochs per stage ({spec.epochs} / {spec.stages}) than search epochs "
-                           f"({spec.search_epochs}): raise --epochs or lower --stages")
+        raise SurgeryError(f"AutoProg needs stages longer than its {spec.search_epochs} search epoch(s), but "
+                           f"{spec.epochs} epochs in {spec.stages} stages give {spec.epochs // spec.stages} per stage: "
+                           "raise --epochs or lower --stages")
     run = Path(out)
     existing = check_run_folder(run, MANIFEST, SCHEMA, spec, "growth run")
     distributed.check_batch(spec.batch_size)
@@ -574,6 +583,7 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
         groups = find_block_groups(full, example)
         if not groups:
             raise SurgeryError(f"{zentry.timm_name} has no run of repeated shape-preserving blocks to grow")
+        full.eval()
         manifest = {"schema": SCHEMA, "spec": spec.model_dump(mode="json"), "classes": classes,
                     "groups": [asdict(g) for g in groups], "stages": [], "complete": False}
     else:
@@ -585,6 +595,7 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
         raise SurgeryError(f"{spec.stages} stages are more than {zentry.timm_name}'s blocks allow (depths "
                            f"{', '.join('/'.join(map(str, s.depths)) for s in levels)}): lower --stages")
     if existing is None:
+        _probe_resolutions(full, state, levels, example, zentry.timm_name)
         run.mkdir(parents=True, exist_ok=True)
         write_json(run / MANIFEST, manifest)
     else:
@@ -593,7 +604,15 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
     groups_text = ", ".join(f"{g.container}[{g.start}:{g.stop}] {g.block_class}" for g in state.groups)
     report(f"{zentry.timm_name}: growing {groups_text}; stages " + ", ".join(
         f"{'/'.join(map(str, s.depths))}@{s.resolution}" for s in levels)
-        + (" (AutoProg picks each stage's depth and resolution)" if spec.schedule == "auto" else ""))
+        + (" (AutoProg picks each stage's depth and resolution)" if spec.schedule == "auto" and spec.stages > 1
+           else " (one stage: plain training, AutoProg has nothing to choose)" if spec.schedule == "auto" else ""))
+    patch = getattr(getattr(state.meta, "patch_embed", None), "patch_size", None)
+    if patch is not None and spec.resolution_start < 1:
+        side = levels[0].resolution // (patch if isinstance(patch, int) else max(patch))
+        if side < 4:
+            report(f"note: the first stage sees a {side}x{side} token grid; growing the resolution from so few "
+                   "tokens costs accuracy (a patch covers a different share of the image at each stage): "
+                   "consider --resolution-start 1")
     end = state.stages_run()
     net = end.model
     test = evaluate(net, loaders[2])
@@ -601,14 +620,19 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
     ema_net.load_state_dict(end.ema)
     ema_test = evaluate(ema_net, loaders[2])
     stage_recs = [phase_done(run, f"stage_{k}") for k in range(spec.stages)]
+    # the saved weights: the EMA's when it validates better at the end (chosen on val, never on test)
+    last = stage_recs[-1] or {}
+    use_ema = (last.get("ema_val_acc") or 0.0) > (last.get("val_acc") or 0.0)
+    saved = ema_net if use_ema else net
     manifest["stages"] = [{**m, **(r or {})} for m, r in zip(manifest["stages"], stage_recs, strict=False)]
     manifest["result"] = {"top1": test["top1"], "ema_top1": ema_test["top1"], "n": test["n"],
+                          "saved": "ema" if use_ema else "model",
                           "wall_s": round(sum((r or {}).get("wall_s", 0.0) for r in stage_recs), 3),
                           "params": sum(p.numel() for p in net.parameters())}
     manifest["complete"] = True
     arch = {"name": zentry.name, "arch": spec.model["arch"], "random_init": True,
             "model_kwargs": {**kwargs, "num_classes": len(classes)}}
-    save_tensors(run / "model.safetensors", net.state_dict(), metadata={"format": "pt", "schema": RECIPE_SCHEMA})
+    save_tensors(run / "model.safetensors", saved.state_dict(), metadata={"format": "pt", "schema": RECIPE_SCHEMA})
     write_json(run / "config.json", {
         "schema": RECIPE_SCHEMA, "kind": "model", "entry": arch, "num_classes": len(classes), "classes": classes,
         "target": spec.data, "input_size": list(spec.input_size), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
@@ -617,5 +641,21 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
     write_json(run / MANIFEST, manifest)
     distributed.barrier()
     report(f"done: test top-1 {test['top1']:.4f} (EMA {ema_test['top1']:.4f}), training "
-           f"{manifest['result']['wall_s']:.0f} s; model folder {run}")
+           f"{manifest['result']['wall_s']:.0f} s; model folder {run} (saved: the "
+           f"{'EMA, better on validation' if use_ema else 'model'})")
     return manifest
+
+
+def _probe_resolutions(model: nn.Module, state: _Run, levels, example: torch.Tensor, name: str) -> None:
+    """One image through the full model at every stage's resolution, before anything is written: a
+    size the model cannot take (a CNN's stride, a window size) is a one-line error, not a crash in a stage."""
+    for size in sorted({s.resolution for s in levels}):
+        hook = InputSize(model, size)
+        try:
+            state.resize(model, size)  # a fixed position embedding is resampled (this model is a probe)
+            with hook, torch.no_grad():
+                model(example[:1])
+        except (RuntimeError, AssertionError, ValueError, SurgeryError) as e:
+            raise SurgeryError(f"{name} cannot take {size} px inputs (a stage's resolution: "
+                               f"{', '.join(str(s.resolution) for s in levels)}): {str(e).splitlines()[0][:160]}; "
+                               "raise --resolution-start or --input-size") from None
