@@ -227,7 +227,7 @@ def test_bad_growth_input_is_refused(tmp_path):
         _grow(tmp_path / "b", stages=4, epochs=4)
     with pytest.raises(SurgeryError, match="patch size"):
         _grow(tmp_path / "c", input_size=18)
-    with pytest.raises(SurgeryError, match="search epochs"):
+    with pytest.raises(SurgeryError, match="longer than its 1 search epoch"):
         _grow(tmp_path / "d", schedule="auto", epochs=2)
     assert not any((tmp_path / n).exists() for n in "abcd")
 
