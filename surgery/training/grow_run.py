@@ -207,10 +207,9 @@ class _Run:
     def train_window(self, model, folder: Path, epochs: int, first_epoch: int, seed: int, resolution: int,
                      carry: _Carry | None, task=None, size: InputSize | None = None, validate: bool = True):
         """One ``train`` call: a fresh window (``carry`` seeds its optimizer and EMA) or a resumed one."""
-        from surgery.training.checkpoint import find_checkpoint
         from surgery.training.loop import train
 
-        resume = find_checkpoint(folder) is not None
+        resume = self.started(folder)
         with (size or InputSize(model, resolution)) as hook:
             hook.size = resolution
             # no validation of a supernet: it would score whichever sub-network the last step drew
@@ -225,31 +224,30 @@ class _Run:
 
     # -------------------------------------------------------------- transitions
 
-    def grow_into(self, end: _End, depths, resolution: int, stage: int) -> tuple[list[BlockGroup], list, _Carry]:
+    def grow_into(self, end: _End, depths, resolution: int, stage: int) -> tuple[list[BlockGroup], _Carry]:
         """Grow the previous stage's model (in place) to ``depths``; the carry for the next window."""
         spec, model = self.spec, end.model
         old_names = {id(p): n for n, p in model.named_parameters()}
         torch.manual_seed(spec.seed * 7919 + stage)  # random-init blocks: the same on resume
-        renames, plans, groups, new_prefixes = {}, [], [], []
+        renames, groups, new_prefixes = {}, [], []
         for group, depth in zip(end.groups, depths, strict=True):
             plan = grow_depth(model, group, depth, mode=spec.mode, init="copy" if spec.init == "mogrow" else spec.init)
             renames.update(renamed_parameters(group, plan))
             new_prefixes += [f"{group.container}.{group.start + k}." for k, _, is_new in plan if is_new]
-            plans.append(plan)
             groups.append(resized_group(group, depth))
         if spec.init == "mogrow":
             mogrow(model, end.ema, renames)
-        ema = {}
+        ema = {}  # end.ema is this transition's own snapshot: its tensors are taken, not copied again
         for name, value in model.state_dict().items():
             from_model = spec.init in ("zero", "random") and any(name.startswith(p) for p in new_prefixes)
             old = end.ema.get(source_name(name, renames))
-            ema[name] = value.detach().clone() if from_model or old is None or old.shape != value.shape else old.clone()
+            ema[name] = value.detach().clone() if from_model or old is None or old.shape != value.shape else old
         self.resize(model, resolution)
         after = model.state_dict()
         ema = {n: (t if t.shape == after[n].shape else after[n].detach().clone())
                for n, t in ema.items()}  # a resampled position embedding: the model's
         carry = _Carry(end.optimizer if spec.carry_optimizer else None, old_names, model, renames, ema)
-        return groups, plans, carry
+        return groups, carry
 
     def extract(self, end: _End, keep: list[list[int]]) -> tuple[list[BlockGroup], _Carry]:
         """Keep only the chosen sub-network's blocks (live weights, AutoProg's ``load_super``)."""
@@ -260,7 +258,7 @@ class _Run:
             new_group, plan = select_blocks(model, group, blocks)
             renames.update(renamed_parameters(group, plan))
             groups.append(new_group)
-        ema = {n: end.ema[source_name(n, renames)].clone() for n in model.state_dict()}
+        ema = {n: end.ema[source_name(n, renames)] for n in model.state_dict()}
         return groups, _Carry(end.optimizer, old_names, model, renames, ema)
 
     # -------------------------------------------------------------- stages
@@ -320,7 +318,7 @@ class _Run:
                 model, groups = self.architecture(stage.depths, stage.resolution)
                 carry = None
             else:
-                groups, _, carry = self.grow_into(end, stage.depths, stage.resolution, k)
+                groups, carry = self.grow_into(end, stage.depths, stage.resolution, k)
                 model = end.model
             first, epochs = stage.first_epoch, stage.epochs
         if len(records) <= k:
@@ -373,7 +371,7 @@ class _Run:
             if end is None:  # stage 0: the fresh shallow model is grown at once (AutoProg's first search)
                 model, groups = self.architecture(base, super_res)
                 end = _End(model, groups, {n: t.detach().clone() for n, t in model.state_dict().items()}, None, base)
-            groups, _, carry = self.grow_into(end, super_depths, super_res, k)
+            groups, carry = self.grow_into(end, super_depths, super_res, k)
             model = end.model
         plans = [growth_plan(b, d, spec.mode) for b, d in zip(base, super_depths, strict=True)]
         elastic = ElasticDepth(groups, base, plans)
