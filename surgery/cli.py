@@ -588,18 +588,6 @@ def grow(
 
     if not (math.isfinite(lr) and lr > 0):
         fail(f"--lr must be a positive number (got {lr})")
-    if stages < 1:
-        fail(f"--stages must be at least 1 (got {stages})")
-    if epochs < 1:
-        fail(f"--epochs must be at least 1 (got {epochs})")
-    choices = {"--schedule": (schedule, ("manual", "auto")), "--init": (init, ("mogrow", "copy", "zero", "random")),
-               "--mode": (mode, ("interleave", "stack"))}
-    for flag, (value, allowed) in choices.items():
-        if value not in allowed:
-            fail(f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {value!r})")
-    for flag, value in (("--depth-start", depth_start), ("--resolution-start", resolution_start)):
-        if not (math.isfinite(value) and 0 < value <= 1):
-            fail(f"{flag} must be in (0, 1] (got {value})")
     kwargs = _json_kwargs(model_kwargs, "--model-kwargs")
     manifest = run_grow({"arch": model, "model_kwargs": kwargs}, data, out=out, epochs=epochs, stages=stages,
                         schedule=schedule, init=init, mode=mode, input_size=input_size, batch_size=batch_size, lr=lr,
