@@ -81,9 +81,10 @@ class ElasticDepth:
 
     def apply(self, model: nn.Module, depths: Sequence[int] | None) -> None:
         """Switch ``model``'s blocks for ``depths`` (None: every block active)."""
+        active = None if depths is None else self.active(depths)
         for gi, group in enumerate(self.groups):
             container = model.get_submodule(group.container)
-            keep = None if depths is None else set(self.active(depths)[gi])
+            keep = None if active is None else set(active[gi])
             for k in range(group.length):
                 block = container[group.start + k]
                 skip = keep is not None and k not in keep
