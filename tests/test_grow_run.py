@@ -301,3 +301,13 @@ def test_cnn_and_hierarchical_models_grow_to_the_full_model(tmp_path, model, siz
     full.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(loaded(x), full.eval()(x))
+
+
+def test_patch_stride_is_the_embedding_step_not_the_patch_size():
+    from surgery.training.growth import patch_stride
+
+    with torch.device("meta"):
+        pvt = timm.create_model("pvt_v2_b0")  # overlapping 7 x 7 patches every 4 px
+        vit = timm.create_model("vit_tiny_patch16_224")
+        cnn = timm.create_model("resnet18")
+    assert (patch_stride(pvt), patch_stride(vit), patch_stride(cnn)) == (4, 16, None)

@@ -64,6 +64,7 @@ from surgery.training.growth import (
     growth_plan,
     manual_schedule,
     mogrow,
+    patch_stride,
     renamed_parameters,
     resized_group,
     select_blocks,
@@ -267,10 +268,8 @@ class _Run:
         """The manual ramp; resolutions are multiples of the patch size (ViTs) or of the network's
         total stride (CNNs: a smaller input would shrink to nothing in the last stage)."""
         spec = self.spec
-        patch = getattr(getattr(self.meta, "patch_embed", None), "patch_size", None)
-        if patch is not None:
-            multiple = patch if isinstance(patch, int) else max(patch)
-        else:
+        multiple = patch_stride(self.meta)
+        if multiple is None:
             info = getattr(self.meta, "feature_info", None) or []
             multiple = max([int(f.get("reduction", 1)) for f in info if isinstance(f, dict)] or [1])
         return manual_schedule(spec.epochs, spec.stages, self.full_depths, spec.input_size[-1],
@@ -545,8 +544,8 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
         kwargs["drop_path_rate"] = drop_path  # builds the DropPath modules the stages ramp
     cfg = data_config(zentry, probe)
     size = input_size or cfg["input_size"][-1]
-    patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
-    if patch is not None and size % (patch if isinstance(patch, int) else max(patch)):
+    patch = patch_stride(probe)
+    if patch is not None and size % patch:
         raise SurgeryError(f"input size {size} is not a multiple of {zentry.timm_name}'s patch size {patch}")
     chans = int(kwargs.get("in_chans", 3))
     try:
@@ -604,9 +603,9 @@ def grow(model: str | dict[str, Any], data: str, *, out: str | os.PathLike, epoc
         f"{'/'.join(map(str, s.depths))}@{s.resolution}" for s in levels)
         + (" (AutoProg picks each stage's depth and resolution)" if spec.schedule == "auto" and spec.stages > 1
            else " (one stage: plain training, AutoProg has nothing to choose)" if spec.schedule == "auto" else ""))
-    patch = getattr(getattr(state.meta, "patch_embed", None), "patch_size", None)
+    patch = patch_stride(state.meta)
     if patch is not None and spec.resolution_start < 1:
-        side = levels[0].resolution // (patch if isinstance(patch, int) else max(patch))
+        side = levels[0].resolution // patch
         if side < 4:
             report(f"note: the first stage sees a {side}x{side} token grid; growing the resolution from so few "
                    "tokens costs accuracy (a patch covers a different share of the image at each stage): "

@@ -42,8 +42,8 @@ from surgery.errors import SurgeryError
 
 __all__ = ["BlockGroup", "find_block_groups", "depth_map", "growth_plan", "grow_depth", "zero_residual",
            "grown_parameters", "renamed_parameters", "source_name", "mogrow", "resized_group",
-           "select_blocks", "set_depths", "set_drop_path", "carry_optimizer_state", "set_resolution", "Stage",
-           "manual_schedule", "autoprog_choice"]
+           "select_blocks", "set_depths", "set_drop_path", "carry_optimizer_state", "patch_stride", "set_resolution",
+           "Stage", "manual_schedule", "autoprog_choice"]
 
 
 @dataclass(frozen=True)
@@ -457,6 +457,21 @@ def carry_optimizer_state(old: torch.optim.Optimizer, old_names: dict[int, str],
 # ---------------------------------------------------------------------------- resolution
 
 
+def patch_stride(model: nn.Module) -> int | None:
+    """The step of a model's patch embedding in pixels (the larger side), None without one.
+
+    The stride of its projection, not ``patch_size``: PVT-v2 embeds overlapping 7 x 7 patches every
+    4 px, and it is the step that an input side must be a multiple of; for a ViT both are equal.
+    """
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        return None
+    stride = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
+    if stride is None:
+        return None
+    return int(stride) if isinstance(stride, int) else int(max(stride))
+
+
 def set_resolution(model: nn.Module, size: int) -> None:
     """Make ``model`` take ``size`` x ``size`` inputs (AutoProg's resolution axis), in place.
 
@@ -468,11 +483,9 @@ def set_resolution(model: nn.Module, size: int) -> None:
         SurgeryError: the patch size does not divide ``size``, or a model with a position embedding
             offers no way to resize it.
     """
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is not None:
-        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        if size % ph or size % pw:
-            raise SurgeryError(f"resolution {size} is not a multiple of the patch size {ph}x{pw}")
+    patch = patch_stride(model)
+    if patch is not None and size % patch:
+        raise SurgeryError(f"resolution {size} is not a multiple of the patch size {patch}")
     if callable(getattr(model, "set_input_size", None)):
         try:
             model.set_input_size(img_size=(size, size))
