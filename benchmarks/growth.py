@@ -3,9 +3,9 @@
 Usage::
 
     .venv/bin/python benchmarks/growth.py [--seeds 0 1 2] [--epochs 12] [--per-class 200] [--workers 2]
-        [--variants full copy mogrow random auto depth resolution short auto_depth]
+        [--variants full copy mogrow random auto depth resolution short auto_depth depth_quarter]
         [--work ~/.cache/surgery/growth-bench]
-        [--report-only] [--out benchmarks/results]
+        [--report-only] [--out benchmarks/results] [--name growth]
 
 What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is skipped):
 
@@ -24,14 +24,15 @@ What it runs (every run is ``surgery.grow`` itself, resumable: a finished run is
   - ``auto``: AutoProg (MoGrow, a 1-epoch supernet search at the start of stages 1-3, counted in the
     budget, losses over 5 training batches);
   - ``depth`` / ``resolution``: the manual schedule growing one axis only (where the cost and the
-    accuracy go); ``auto_depth``: AutoProg searching depth only, at full resolution;
+    accuracy go); ``depth_quarter``: depth only from a quarter of the depth (3/6/9/12, at 28 px);
+    ``auto_depth``: AutoProg searching depth only, at full resolution;
   - ``short``: the full model for 60% of the epochs (about the manual schedules' wall time: the
     equal-cost alternative).
 * ``--workers`` runs at once, one thread each (the executor's setting), variants interleaved so that
   every variant meets the same load. Wall time is the training's own (epochs, search, measurements),
   not the test evaluation.
 
-Writes ``OUT/growth.md`` and ``OUT/growth.png`` (test top-1 against training wall time). Goal from the
+Writes ``OUT/NAME.md`` and ``OUT/NAME.png`` (test top-1 against training wall time). Goal from the
 issue: at least 1.5x faster than ``full`` at no more than 0.3 points less accuracy; MoGrow's advantage
 over the other initialisations shown, or its absence stated.
 """
@@ -58,6 +59,7 @@ VARIANTS = {
     "zero": {"init": "zero"},
     "auto": {"schedule": "auto", "init": "mogrow", "search_batches": 5},
     "depth": {"init": "mogrow", "resolution_start": 1.0},
+    "depth_quarter": {"init": "mogrow", "resolution_start": 1.0, "depth_start": 0.25},
     "resolution": {"init": "mogrow", "depth_start": 1.0},
     "short": {"stages": 1, "epoch_fraction": 0.6},
     "auto_depth": {"schedule": "auto", "init": "mogrow", "search_batches": 5, "resolution_start": 1.0},
@@ -65,7 +67,8 @@ VARIANTS = {
 LABELS = {"full": "full model throughout", "copy": "manual, copy live weights", "mogrow": "manual, MoGrow (EMA)",
           "random": "manual, random new blocks", "zero": "manual, zero-residual copies (function-preserving)",
           "auto": "AutoProg (MoGrow)", "depth": "manual, depth only (MoGrow)",
-          "resolution": "manual, resolution only", "short": "full model, 60% of the epochs",
+          "resolution": "manual, resolution only",
+          "depth_quarter": "manual, depth only from 1/4 (MoGrow)", "short": "full model, 60% of the epochs",
           "auto_depth": "AutoProg, depth only (MoGrow)"}
 
 
@@ -109,7 +112,8 @@ def report(args, runs: dict) -> str:
         f"`short`: {max(1, round(0.6 * args.epochs))}), batch 64, "
         f"AdamW lr 1e-3, one warm-up + cosine schedule, EMA; seeds {' '.join(map(str, args.seeds))}; "
         f"{args.workers} runs at once, one thread each. Manual schedule: 4 stages, depth 6/8/10/12, resolution "
-        "16/20/24/28. Speed-up and Δ are per seed against `full`, then averaged.",
+        "16/20/24/28 (the last column gives every run's stages). Speed-up and Δ are per seed against `full`, "
+        "then averaged.",
         "",
         "| variant | test top-1 % | EMA test top-1 % | Δ vs full (points) | training wall (s) | speed-up | "
         "stages (depth@resolution) |",
@@ -141,7 +145,7 @@ def plot(args, runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    markers = dict(zip(VARIANTS, "osD^vPX*hd", strict=True))
+    markers = dict(zip(VARIANTS, "osD^vPX*hd<", strict=True))
     for variant in args.variants:
         pts = [(m["result"]["wall_s"], 100 * m["result"]["top1"]) for (v, _), m in runs.items() if v == variant]
         if pts:
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "surgery" / "growth-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default="growth", help="Report file names: OUT/NAME.md and OUT/NAME.png.")
     ap.add_argument("--report-only", action="store_true", help="Tables from the finished runs only.")
     args = ap.parse_args()
 
@@ -179,9 +184,9 @@ def main() -> None:
     runs = {job[1:3]: m for job, m in done.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(args, runs)
-    (args.out / "growth.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     if runs:
-        plot(args, runs, args.out / "growth.png")
+        plot(args, runs, args.out / f"{args.name}.png")
     print(text)
 
 
