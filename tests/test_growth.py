@@ -161,6 +161,12 @@ def test_resolution_growth_resamples_position_embeddings():
     cnn = timm.create_model("test_convnext", num_classes=10).eval()
     set_resolution(cnn, 48)  # convolutions take any size
     assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+    # CaiT has a fixed position embedding and no set_input_size: its own size is fine, another is refused
+    cait = timm.create_model("cait_xxs24_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=2).eval()
+    set_resolution(cait, 32)
+    assert cait(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    with pytest.raises(SurgeryError, match="cannot grow"):
+        set_resolution(cait, 16)
 
 
 def test_manual_schedule_ramps_depth_resolution_and_drop_path():

@@ -481,11 +481,14 @@ def set_resolution(model: nn.Module, size: int) -> None:
 
     Raises:
         SurgeryError: the patch size does not divide ``size``, or a model with a position embedding
-            offers no way to resize it.
+            built for another size offers no way to resize it.
     """
     patch = patch_stride(model)
     if patch is not None and size % patch:
         raise SurgeryError(f"resolution {size} is not a multiple of the patch size {patch}")
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None and tuple(built) == (size, size):
+        return  # already this size: nothing to resample (and a model without set_input_size is fine)
     if callable(getattr(model, "set_input_size", None)):
         try:
             model.set_input_size(img_size=(size, size))
